@@ -1,0 +1,126 @@
+"""Platform rules for shared memory, each behind a small named function.
+
+Only Linux runs in this project's CI, so every rule that differs on Windows or
+macOS is a pure function of its inputs (the platform is a parameter with the
+running one as default). The unit tests exercise every branch's logic on
+Linux; the branches that call OS APIs are kept as thin as possible.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+#: POSIX shared-memory names on macOS are limited to 31 bytes including the
+#: leading slash (PSHMNAMLEN); we keep every platform under it so a name made
+#: on one machine is legal on all.
+MAX_NAME_CHARS = 30
+
+
+def is_windows(platform: str = sys.platform) -> bool:
+    return platform.startswith("win")
+
+
+def is_macos(platform: str = sys.platform) -> bool:
+    return platform == "darwin"
+
+
+def shm_directory(platform: str = sys.platform) -> str | None:
+    """The directory that mirrors POSIX shared memory, if the OS has one.
+
+    Linux exposes segments as files in ``/dev/shm`` (which is what makes
+    capacity checks and the stale-segment janitor possible); macOS and
+    Windows keep them in kernel objects with no listing.
+    """
+    if platform.startswith("linux"):
+        return "/dev/shm"
+    return None
+
+
+def page_rounded(nbytes: int, pagesize: int = mmap.PAGESIZE) -> int:
+    """Size the OS reports for a segment of ``nbytes``.
+
+    Windows (and macOS) round a mapping's size up to whole pages, so a
+    segment's own size cannot tell how many bytes an array occupies: handles
+    always ship exact byte counts and never trust the mapping size.
+    """
+    if nbytes <= 0:
+        return pagesize
+    return -(-nbytes // pagesize) * pagesize
+
+
+def mapping_size(nbytes: int) -> int:
+    """Bytes to map for an array of ``nbytes``: mmap refuses length 0."""
+    return max(int(nbytes), 1)
+
+
+def unlink_frees_name(platform: str = sys.platform) -> bool:
+    """Whether a segment has a name that outlives its handles until unlinked.
+
+    POSIX: yes, and unlinking early is legal (memory lives while mapped).
+    Windows: no; the named mapping dies with the last handle, so there is
+    nothing to unlink, and the creator must keep its handle open until every
+    worker has attached.
+    """
+    return not is_windows(platform)
+
+
+def creator_must_hold_until_attached(platform: str = sys.platform) -> bool:
+    """Whether the parent must keep its mapping open while workers attach."""
+    return is_windows(platform)
+
+
+def workers_receive_console_interrupts(platform: str = sys.platform) -> bool:
+    """Whether Ctrl-C / a kernel interrupt also reaches worker processes.
+
+    On POSIX, jupyter_client signals the kernel's process group, so workers
+    see SIGINT too. On Windows the kernel is interrupted through an event that
+    only it waits on: the parent must stop the workers itself. We never rely
+    on the POSIX behaviour either, so this only documents why.
+    """
+    return not is_windows(platform)
+
+
+def default_start_method(platform: str = sys.platform) -> str:
+    """The safest start method that works in a multi-threaded kernel.
+
+    ``fork`` in a kernel with live threads (ipykernel's IOPub and heartbeat,
+    Spyder's comm thread) can deadlock children; Python 3.12+ warns about it.
+    On Linux a forkserver is safe and starts workers fastest; Windows has only
+    spawn; on macOS spawn is the platform default since 3.8.
+    """
+    if platform.startswith("linux"):
+        return "forkserver"
+    return "spawn"
+
+
+def available_start_methods(platform: str = sys.platform) -> tuple[str, ...]:
+    if is_windows(platform):
+        return ("spawn",)
+    return ("spawn", "forkserver", "fork")
+
+
+def current_user_tag(platform: str = sys.platform) -> str:
+    """A short tag naming this user in segment names (base-36 uid on POSIX)."""
+    if hasattr(os, "getuid") and not is_windows(platform):
+        return to_base36(os.getuid())
+    import getpass
+    import zlib
+
+    return to_base36(zlib.crc32(getpass.getuser().encode()) & 0xFFFFFF)
+
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def to_base36(value: int) -> str:
+    if value < 0:
+        raise ValueError("negative value")
+    if value == 0:
+        return "0"
+    out = []
+    while value:
+        value, rem = divmod(value, 36)
+        out.append(_DIGITS[rem])
+    return "".join(reversed(out))

@@ -1,0 +1,236 @@
+"""ndarrays that live in shared memory, the handles that name them, and the
+test for arrays whose memory was unmapped under them.
+
+A :class:`SharedArray` is what crosses process boundaries: a few dozen bytes
+(segment name, exact byte counts, shape, dtype, offset, strides, writability)
+that attach to the same memory in another process. Exact byte counts matter
+because Windows and macOS round a mapping up to whole pages.
+
+Arrays we build always sit on a ``frombuffer`` root that holds a buffer export
+on the mmap, so their memory cannot be unmapped while they live (see
+``segments``). Arrays built by other code on stdlib ``SharedMemory.buf`` can
+be: :func:`is_dangling` detects that without reading a byte of the array.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .segments import Segment, describe, segment_name_of_mapping
+
+_CHAIN_LIMIT = 10_000
+
+
+class SharedArray:
+    """A picklable name for an ndarray held in a shared-memory segment.
+
+    In the process that made it, :meth:`view` returns that process's array.
+    Anywhere else it attaches (once per process, cached) and returns a view
+    that is read-only unless the handle says ``writable``.
+    """
+
+    __slots__ = ("_local", "dtype", "name", "offset", "segment_nbytes", "shape", "strides", "writable")
+
+    def __init__(
+        self,
+        name: str,
+        segment_nbytes: int,
+        shape: tuple[int, ...],
+        dtype: Any,
+        offset: int,
+        strides: tuple[int, ...],
+        writable: bool,
+        _local: np.ndarray | None = None,
+    ) -> None:
+        self.name = name
+        self.segment_nbytes = int(segment_nbytes)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.offset = int(offset)
+        self.strides = tuple(int(s) for s in strides)
+        self.writable = bool(writable)
+        self._local = _local
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def view(self) -> np.ndarray:
+        if self._local is not None:
+            return self._local
+        root = attached_root(self.name, self.segment_nbytes)
+        arr = np.ndarray(self.shape, self.dtype, buffer=root, offset=self.offset, strides=self.strides)
+        if not self.writable:
+            arr.flags.writeable = False
+        return arr
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        arr = self.view()
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
+
+    def as_readonly(self) -> SharedArray:
+        return SharedArray(self.name, self.segment_nbytes, self.shape, self.dtype,
+                           self.offset, self.strides, False, _local=self._local)
+
+    def __reduce__(self) -> tuple:
+        return (SharedArray, (self.name, self.segment_nbytes, self.shape, self.dtype.str
+                              if not self.dtype.fields else self.dtype,
+                              self.offset, self.strides, self.writable))
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "ro"
+        return f"SharedArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, {mode})"
+
+
+# -- creation -----------------------------------------------------------------
+def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> np.ndarray:
+    """An uninitialised array in shared memory; workers get it with no copy."""
+    shape_t = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)  # type: ignore[arg-type]
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError("object arrays hold pointers into one process and cannot be shared")
+    nbytes = int(np.prod(shape_t, dtype=np.int64)) * dtype.itemsize
+    seg = Segment.create(nbytes, description=f"{shape_t} {dtype}")
+    arr = np.ndarray(shape_t, dtype, buffer=seg.root, order=order)
+    seg.close()  # the array now holds the only reference to the mapping
+    return arr
+
+
+def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> np.ndarray:
+    """A zero-filled shared array. Fresh shared memory is zeroed by the OS."""
+    return empty(shape, dtype, order)
+
+
+def share(a: Any) -> SharedArray:
+    """Copy ``a`` into a new segment (one memcpy) and return its handle."""
+    if isinstance(a, SharedArray):
+        return a
+    arr = np.asarray(a)
+    if arr.dtype.hasobject:
+        raise TypeError(
+            f"cannot share an array of dtype object (shape {arr.shape}): its elements are "
+            "Python objects private to this process"
+        )
+    order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    out = empty(arr.shape, arr.dtype, order=order)
+    np.copyto(out, arr, casting="no")
+    handle = handle_of(out)
+    assert handle is not None
+    return handle
+
+
+def share_if_needed(a: np.ndarray) -> tuple[SharedArray, bool]:
+    """Handle for ``a``: zero copy when it already lives in one of our
+    segments, else a fresh read-only copy. Returns (handle, copied)."""
+    handle = handle_of(a)
+    if handle is not None:
+        return handle, False
+    return share(a).as_readonly(), True
+
+
+def handle_of(arr: np.ndarray) -> SharedArray | None:
+    """A handle for an array that lives in a segment this process created.
+
+    Returns None for ordinary arrays and for segments whose name was already
+    unlinked (no other process could attach to them any more).
+    """
+    if not isinstance(arr, np.ndarray):
+        return None
+    root, mapping = _root_and_mapping(arr)
+    if mapping is None or root is None:
+        return None
+    name = segment_name_of_mapping(mapping)
+    if name is None:
+        return None
+    offset = arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return SharedArray(name, root.nbytes, arr.shape, arr.dtype, offset, arr.strides,
+                       bool(arr.flags.writeable), _local=arr)
+
+
+def _root_and_mapping(arr: np.ndarray) -> tuple[np.ndarray | None, object | None]:
+    obj: Any = arr
+    for _ in range(_CHAIN_LIMIT):
+        base = obj.base
+        if isinstance(base, np.ndarray):
+            obj = base
+            continue
+        if isinstance(base, memoryview):
+            try:
+                inner = base.obj
+            except ValueError:
+                return None, None
+            return (obj, inner) if isinstance(inner, mmap.mmap) else (None, None)
+        return (obj, base) if isinstance(base, mmap.mmap) else (None, None)
+    return None, None
+
+
+# -- attaching (worker side) -----------------------------------------------
+_attach_lock = threading.Lock()
+_attached: dict[str, Segment] = {}
+
+
+def attached_root(name: str, nbytes: int) -> np.ndarray:
+    """Root of a segment mapped once per process and kept for reuse."""
+    with _attach_lock:
+        seg = _attached.get(name)
+        if seg is None:
+            seg = Segment.attach(name, nbytes)
+            _attached[name] = seg
+        return seg.root
+
+
+def attached_names() -> set[str]:
+    with _attach_lock:
+        return set(_attached)
+
+
+def release_attached(keep: Iterable[str] = ()) -> None:
+    """Drop cached attachments not in ``keep``; live views stay mapped."""
+    keep = set(keep)
+    with _attach_lock:
+        for name in [n for n in _attached if n not in keep]:
+            _attached.pop(name).close()
+
+
+# -- dangling detection -------------------------------------------------------
+def is_dangling(obj: Any) -> bool:
+    """Whether ``obj`` is an ndarray whose memory has been unmapped.
+
+    Follows the ``.base`` chain to its end and asks whether that is a closed
+    ``mmap.mmap`` or a released ``memoryview``. Never reads array memory, so
+    it is safe to call on exactly the arrays that would crash on a read.
+    """
+    if not isinstance(obj, np.ndarray):
+        return False
+    end: Any = obj
+    for _ in range(_CHAIN_LIMIT):
+        if isinstance(end, np.ndarray):
+            if end.base is None:
+                return False
+            end = end.base
+        elif isinstance(end, memoryview):
+            try:
+                end = end.obj
+            except ValueError:  # "operation forbidden on released memoryview"
+                return True
+            if end is None:
+                return False
+        elif isinstance(end, mmap.mmap):
+            return bool(end.closed)
+        else:
+            return False
+    return False
+
+
+def label(arr: np.ndarray, text: str) -> None:
+    """Attach a human description to the segment behind ``arr`` (for status)."""
+    handle = handle_of(arr)
+    if handle is not None:
+        describe(handle.name, text)

@@ -1,0 +1,49 @@
+"""Refuse a segment the shared-memory filesystem cannot hold, before any write.
+
+On Linux ``shm_open`` + ``ftruncate`` succeed for any size: the pages are only
+allocated on first touch, and a touch past what tmpfs can give kills the
+process with SIGBUS (default Docker gives ``/dev/shm`` 64 MB). We check the
+free space first for a clear message, then reserve the pages with
+``posix_fallocate`` so the answer cannot change between check and write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ._platform import shm_directory
+from .errors import SharedMemoryCapacityError
+
+
+def free_bytes(directory: str | None = None) -> int | None:
+    """Free bytes for unprivileged use in the shared-memory filesystem."""
+    directory = shm_directory() if directory is None else directory
+    if directory is None or not os.path.isdir(directory):
+        return None
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_capacity(nbytes: int, directory: str | None = None) -> None:
+    directory = shm_directory() if directory is None else directory
+    free = free_bytes(directory)
+    if free is not None and nbytes > free:
+        raise SharedMemoryCapacityError(nbytes, free, directory or "shared memory")
+
+
+def reserve(fd: int, nbytes: int, directory: str | None = None) -> None:
+    """Allocate the segment's pages now, turning a later SIGBUS into an error."""
+    if not hasattr(os, "posix_fallocate") or nbytes <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            directory = shm_directory() if directory is None else directory
+            raise SharedMemoryCapacityError(
+                nbytes, free_bytes(directory) or 0, directory or "shared memory"
+            ) from exc
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return  # filesystem cannot reserve; the statvfs check stands alone
+        raise

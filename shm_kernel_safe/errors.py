@@ -1,0 +1,52 @@
+"""Exceptions raised by shm_kernel_safe.
+
+They live in one leaf module so every layer can raise them without importing
+the layers above it, and so users can catch them from the top-level package.
+"""
+
+from __future__ import annotations
+
+
+class ShmKernelSafeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SharedMemoryCapacityError(ShmKernelSafeError, MemoryError):
+    """The shared-memory filesystem cannot hold the segment asked for.
+
+    Raised *before* any byte is written: on Linux a segment larger than the
+    free space of ``/dev/shm`` is created happily and the process dies of
+    SIGBUS on first touch, which in a kernel looks like a crash with no cause.
+    """
+
+    def __init__(self, needed: int, free: int, where: str) -> None:
+        self.needed = needed
+        self.free = free
+        self.where = where
+        super().__init__(
+            f"cannot allocate {_human(needed)} of shared memory: {where} has only "
+            f"{_human(free)} free. Free space there (see %shm_status / "
+            f"shm_kernel_safe.cleanup_stale()), share a smaller array, or give the "
+            f"machine more shared memory (Docker: `docker run --shm-size=4g ...`; "
+            f"Linux: `mount -o remount,size=8G /dev/shm`)."
+        )
+
+
+class SegmentNotFoundError(ShmKernelSafeError, FileNotFoundError):
+    """A segment name does not exist (already unlinked, or never created)."""
+
+
+class DanglingArrayError(ShmKernelSafeError, ValueError):
+    """An operation was attempted on an array whose memory was unmapped."""
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+human_bytes = _human

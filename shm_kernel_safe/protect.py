@@ -1,0 +1,62 @@
+"""Make the standard library's ``SharedMemory.close`` unable to crash a kernel.
+
+``SharedMemory.close()`` calls ``mmap.close()``, which unmaps the memory even
+while ndarrays made with ``np.ndarray(buffer=shm.buf)`` still point into it
+(they hold a reference to the mmap but no buffer export). The next read of
+such an array, often by a variable explorer computing min/max on its own, is
+a segfault that kills the kernel. And when a view made with
+``np.frombuffer(shm.buf)`` is alive, ``close()`` raises ``BufferError``
+instead, including from ``__del__`` at exit.
+
+``protect()`` swaps the class's ``close`` for one that drops the object's
+references and closes the file descriptor, leaving unmapping to reference
+counting. It patches the class, so it also covers objects created before
+it ran. ``unlink()`` is untouched: freeing the name early stays legal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from multiprocessing import shared_memory
+
+_lock = threading.Lock()
+_original_close = None
+
+
+def safe_close(self: shared_memory.SharedMemory) -> None:
+    """Close without unmapping: the memory lives exactly as long as its views."""
+    self._buf = None
+    self._mmap = None
+    fd = getattr(self, "_fd", -1)
+    if isinstance(fd, int) and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self._fd = -1
+
+
+def protect() -> None:
+    """Install the safe close on ``multiprocessing.shared_memory.SharedMemory``.
+
+    Idempotent; undone exactly by :func:`unprotect`.
+    """
+    global _original_close
+    with _lock:
+        if _original_close is not None:
+            return
+        _original_close = shared_memory.SharedMemory.__dict__["close"]
+        shared_memory.SharedMemory.close = safe_close
+
+
+def unprotect() -> None:
+    global _original_close
+    with _lock:
+        if _original_close is None:
+            return
+        shared_memory.SharedMemory.close = _original_close
+        _original_close = None
+
+
+def is_protected() -> bool:
+    return shared_memory.SharedMemory.__dict__.get("close") is safe_close
