@@ -34,7 +34,16 @@ class SharedArray:
     that is read-only unless the handle says ``writable``.
     """
 
-    __slots__ = ("_local", "dtype", "name", "offset", "segment_nbytes", "shape", "strides", "writable")
+    __slots__ = (
+        "_local",
+        "dtype",
+        "name",
+        "offset",
+        "segment_nbytes",
+        "shape",
+        "strides",
+        "writable",
+    )
 
     def __init__(
         self,
@@ -64,7 +73,9 @@ class SharedArray:
         if self._local is not None:
             return self._local
         root = attached_root(self.name, self.segment_nbytes)
-        arr = np.ndarray(self.shape, self.dtype, buffer=root, offset=self.offset, strides=self.strides)
+        arr = np.ndarray(
+            self.shape, self.dtype, buffer=root, offset=self.offset, strides=self.strides
+        )
         if not self.writable:
             arr.flags.writeable = False
         return arr
@@ -76,13 +87,30 @@ class SharedArray:
         return arr.copy() if copy else arr
 
     def as_readonly(self) -> SharedArray:
-        return SharedArray(self.name, self.segment_nbytes, self.shape, self.dtype,
-                           self.offset, self.strides, False, _local=self._local)
+        return SharedArray(
+            self.name,
+            self.segment_nbytes,
+            self.shape,
+            self.dtype,
+            self.offset,
+            self.strides,
+            False,
+            _local=self._local,
+        )
 
     def __reduce__(self) -> tuple:
-        return (SharedArray, (self.name, self.segment_nbytes, self.shape, self.dtype.str
-                              if not self.dtype.fields else self.dtype,
-                              self.offset, self.strides, self.writable))
+        return (
+            SharedArray,
+            (
+                self.name,
+                self.segment_nbytes,
+                self.shape,
+                self.dtype.str if not self.dtype.fields else self.dtype,
+                self.offset,
+                self.strides,
+                self.writable,
+            ),
+        )
 
     def __repr__(self) -> str:
         mode = "rw" if self.writable else "ro"
@@ -150,8 +178,16 @@ def handle_of(arr: np.ndarray) -> SharedArray | None:
     if name is None:
         return None
     offset = arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-    return SharedArray(name, root.nbytes, arr.shape, arr.dtype, offset, arr.strides,
-                       bool(arr.flags.writeable), _local=arr)
+    return SharedArray(
+        name,
+        root.nbytes,
+        arr.shape,
+        arr.dtype,
+        offset,
+        arr.strides,
+        bool(arr.flags.writeable),
+        _local=arr,
+    )
 
 
 def _root_and_mapping(arr: np.ndarray) -> tuple[np.ndarray | None, object | None]:
@@ -209,6 +245,11 @@ def is_dangling(obj: Any) -> bool:
     """
     if not isinstance(obj, np.ndarray):
         return False
+    return chain_end_released(obj)
+
+
+def chain_end_released(obj: Any) -> bool:
+    """Whether the buffer at the end of ``obj``'s base chain is gone."""
     end: Any = obj
     for _ in range(_CHAIN_LIMIT):
         if isinstance(end, np.ndarray):

@@ -182,8 +182,12 @@ def _windows_create(name: str, size: int) -> mmap.mmap:  # pragma: no cover - Wi
     import _winapi
 
     handle = _winapi.CreateFileMapping(
-        _winapi.INVALID_HANDLE_VALUE, _winapi.NULL, _winapi.PAGE_READWRITE,
-        (size >> 32) & 0xFFFFFFFF, size & 0xFFFFFFFF, name,
+        _winapi.INVALID_HANDLE_VALUE,
+        _winapi.NULL,
+        _winapi.PAGE_READWRITE,
+        (size >> 32) & 0xFFFFFFFF,
+        size & 0xFFFFFFFF,
+        name,
     )
     try:
         if _winapi.GetLastError() == _winapi.ERROR_ALREADY_EXISTS:
@@ -197,7 +201,9 @@ def _windows_attach(name: str, size: int) -> mmap.mmap:  # pragma: no cover - Wi
     import _winapi
 
     try:
-        handle = _winapi.OpenFileMapping(_winapi.FILE_MAP_READ | _winapi.FILE_MAP_WRITE, False, name)
+        handle = _winapi.OpenFileMapping(
+            _winapi.FILE_MAP_READ | _winapi.FILE_MAP_WRITE, False, name
+        )
     except OSError as exc:
         raise SegmentNotFoundError(f"shared-memory segment {name!r} does not exist") from exc
     _winapi.CloseHandle(handle)

@@ -1,0 +1,58 @@
+"""Shared fixtures: every test must leave /dev/shm and the process tree as it
+found them, and nothing may hang (pytest-timeout is set in pyproject)."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+
+import psutil
+import pytest
+
+from .helpers import SHM_DIR, shm_entries
+
+# Long-lived helpers that multiprocessing / loky start once per parent and
+# that die with it; they are not leaks of a test.
+_INFRA_MARKERS = ("resource_tracker", "forkserver", "semaphore_tracker")
+
+
+def worker_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if any(m in cmd for m in _INFRA_MARKERS):
+            continue
+        out.append(child)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments():
+    """Fail a test that leaves one of our segments in /dev/shm."""
+    before = shm_entries()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while (leaked := shm_entries() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gc.collect()
+    assert not leaked, f"segments left in {SHM_DIR}: {sorted(leaked)}"
+
+
+@pytest.fixture
+def no_orphans():
+    """Shut warm pools down after the test and check no worker is left."""
+    yield
+    mod = sys.modules.get("shm_kernel_safe.pool")
+    if mod is not None:
+        mod.shutdown_all()
+    deadline = time.monotonic() + 5
+    while (alive := worker_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"processes left behind: {[p.pid for p in alive]}"
