@@ -10,23 +10,31 @@ from __future__ import annotations
 from .arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .errors import (
     DanglingArrayError,
+    ParallelTimeoutError,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
     ShmKernelSafeError,
+    TaskError,
+    WorkerDiedError,
 )
 from .janitor import StaleSegment, cleanup_stale, find_stale
+from .pool import shutdown_all as shutdown_pools
 from .protect import is_protected, protect, unprotect
+from .runner import parallel_map, prestart
 from .segments import live_segments
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DanglingArrayError",
+    "ParallelTimeoutError",
     "SegmentNotFoundError",
     "SharedArray",
     "SharedMemoryCapacityError",
     "ShmKernelSafeError",
     "StaleSegment",
+    "TaskError",
+    "WorkerDiedError",
     "cleanup_stale",
     "empty",
     "find_stale",
@@ -34,8 +42,11 @@ __all__ = [
     "is_dangling",
     "is_protected",
     "live_segments",
+    "parallel_map",
+    "prestart",
     "protect",
     "share",
+    "shutdown_pools",
     "unprotect",
     "zeros",
 ]

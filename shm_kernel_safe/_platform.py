@@ -111,6 +111,22 @@ def current_user_tag(platform: str = sys.platform) -> str:
     return to_base36(zlib.crc32(getpass.getuser().encode()) & 0xFFFFFF)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie.
+
+    psutil rather than ``os.kill(pid, 0)``: it works on Windows too, and it
+    reports our own unreaped dead children (zombies) as dead, which they are.
+    """
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 

@@ -50,3 +50,34 @@ def _human(nbytes: int) -> str:
 
 
 human_bytes = _human
+
+
+class TaskError(ShmKernelSafeError):
+    """A task raised: names the item and carries the remote traceback.
+
+    ``__cause__`` is the original exception when it could be pickled back.
+    """
+
+    def __init__(self, index: int, item_repr: str, exc_type: str, message: str, remote_tb: str):
+        self.index = index
+        self.item_repr = item_repr
+        self.exc_type = exc_type
+        self.remote_message = message
+        self.remote_traceback = remote_tb
+        super().__init__(
+            f"item {index} ({item_repr}) raised {exc_type}: {message}\n\n"
+            f"Remote traceback:\n{remote_tb.rstrip()}"
+        )
+
+
+class WorkerDiedError(ShmKernelSafeError):
+    """A worker process died (segfault, os._exit, OOM kill) during a call."""
+
+    def __init__(self, message: str, index: int | None = None, exitcodes: str = ""):
+        self.index = index
+        self.exitcodes = exitcodes
+        super().__init__(message)
+
+
+class ParallelTimeoutError(ShmKernelSafeError, TimeoutError):
+    """A call ran past its ``timeout=``; its workers were stopped."""

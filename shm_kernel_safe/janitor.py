@@ -15,10 +15,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import psutil
-
 from . import naming
-from ._platform import current_user_tag, shm_directory
+from ._platform import current_user_tag, pid_alive, shm_directory
 
 
 @dataclass(frozen=True)
@@ -26,17 +24,6 @@ class StaleSegment:
     name: str
     nbytes: int
     owner_pid: int
-
-
-def _pid_alive(pid: int) -> bool:
-    # psutil, not os.kill(pid, 0): it is portable to Windows and treats
-    # zombies of our own children as dead, which they are for this purpose.
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 def find_stale(directory: str | None = None) -> list[StaleSegment]:
@@ -57,7 +44,7 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
             continue
         if uid is not None and info.st_uid != uid:
             continue
-        if _pid_alive(parsed.pid):
+        if pid_alive(parsed.pid):
             continue
         stale.append(StaleSegment(entry.name, info.st_size, parsed.pid))
     return sorted(stale, key=lambda s: s.name)

@@ -1,0 +1,168 @@
+"""Warm worker pools, one per (processes, start method), kept across calls.
+
+Built on loky's ProcessPoolExecutor (joblib's backend) rather than
+``multiprocessing.Pool``: loky notices a worker that dies (segfault,
+``os._exit``, OOM kill) and fails the pending futures with the exit code
+instead of hanging forever, can kill its workers on demand, and shuts down
+cleanly at interpreter exit. We keep our own executors instead of loky's
+process-global reusable one so joblib in the same kernel cannot resize or
+kill ours.
+
+Start methods never re-run the user's main module: under spawn and
+forkserver the children's preparation data is stripped of ``__main__``
+(cloudpickle sends what the work needs by value), so a notebook, a console,
+or a script without ``if __name__ == "__main__"`` all work.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import multiprocessing.context as mp_context
+import multiprocessing.spawn as mp_spawn
+import os
+import threading
+import warnings
+from typing import Any
+
+from loky import ProcessPoolExecutor
+
+from . import _platform
+
+#: Idle workers exit after this many seconds, releasing what they keep mapped.
+IDLE_TIMEOUT = 600.0
+
+_lock = threading.RLock()
+_pools: dict[tuple[int, str], ProcessPoolExecutor] = {}
+_prep_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_free_preparation():
+    """Start children without telling them to import ``__main__``."""
+    with _prep_lock:
+        original = mp_spawn.get_preparation_data
+
+        def stripped(name: str) -> dict[str, Any]:
+            data = original(name)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+
+        mp_spawn.get_preparation_data = stripped
+        try:
+            yield
+        finally:
+            mp_spawn.get_preparation_data = original
+
+
+class _MainFreeSpawnProcess(mp_context.SpawnProcess):
+    def start(self) -> None:
+        with _main_free_preparation():
+            super().start()
+
+
+class _MainFreeSpawnContext(mp_context.SpawnContext):
+    Process = _MainFreeSpawnProcess
+
+
+if hasattr(mp_context, "ForkServerProcess"):
+
+    class _MainFreeForkServerProcess(mp_context.ForkServerProcess):
+        def start(self) -> None:
+            with _main_free_preparation():
+                super().start()
+
+    class _MainFreeForkServerContext(mp_context.ForkServerContext):
+        Process = _MainFreeForkServerProcess
+
+
+def make_context(start_method: str) -> multiprocessing.context.BaseContext:
+    if start_method == "spawn":
+        return _MainFreeSpawnContext()
+    if start_method == "forkserver":
+        ctx = _MainFreeForkServerContext()
+        # The server imports these once; every worker forks with them loaded.
+        ctx.set_forkserver_preload(["numpy", "cloudpickle", "shm_kernel_safe.worker"])
+        return ctx
+    if start_method == "fork":
+        return multiprocessing.get_context("fork")
+    raise ValueError(
+        f"unknown start method {start_method!r}; choose from "
+        f"{', '.join(_platform.available_start_methods())}"
+    )
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
+    key = (processes, start_method)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is not None and not _is_broken(pool):
+            return pool
+        if pool is not None:
+            _kill(pool)
+        with warnings.catch_warnings():
+            # loky discourages fork; the user asked for it explicitly.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
+            pool = ProcessPoolExecutor(
+                max_workers=processes, context=make_context(start_method), timeout=IDLE_TIMEOUT
+            )
+        _pools[key] = pool
+        return pool
+
+
+def _is_broken(pool: ProcessPoolExecutor) -> bool:
+    return bool(getattr(pool, "_flags", None) and pool._flags.broken) or bool(
+        getattr(pool, "_shutdown_thread", False)
+    )
+
+
+def worker_pids(pool: ProcessPoolExecutor) -> list[int]:
+    return list(getattr(pool, "_processes", {}) or {})
+
+
+def discard(processes: int, start_method: str) -> None:
+    """Kill a pool's workers now; the next call starts a fresh pool."""
+    with _lock:
+        pool = _pools.pop((processes, start_method), None)
+    if pool is not None:
+        _kill(pool)
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, kill_workers=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=2)
+
+
+def shutdown_all() -> None:
+    """Stop every warm pool (tests, ``%unload_ext``, interpreter exit)."""
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        _kill(pool)
+
+
+def pool_info() -> list[dict[str, Any]]:
+    with _lock:
+        return [
+            {"processes": k[0], "start_method": k[1], "pids": worker_pids(p)}
+            for k, p in _pools.items()
+        ]
+
+
+atexit.register(shutdown_all)

@@ -1,0 +1,364 @@
+"""``parallel_map``: the engine every front end (plain Python, the magic)
+drives.
+
+One call: pickle the payload once (big arrays to shared memory on the way),
+put it in a segment, run the first item alone to learn the result layout,
+then dispatch chunks of indices to a warm pool. Results that stack land in
+one shared array the workers write in place. Whatever happens (a task
+error, a dead worker, a timeout, Ctrl-C) the call cancels what is left,
+stops stuck workers, and frees every segment it created before returning.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from . import _platform, sharing, tracebacks
+from . import pool as pools
+from .arrays import SharedArray, empty, handle_of
+from .chunking import guided_chunks
+from .control import ControlBlock
+from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
+from .segments import unlink_name
+from .worker import ChunkResult, ChunkTask, Payload, run_chunk
+
+ProgressCallback = Callable[[int, int], None]
+
+#: How long running chunks get to notice a cancel flag before their workers are killed.
+CANCEL_GRACE = 0.5
+_POLL = 0.05
+_SCALAR_TYPES = (bool, int, float, complex, np.bool_, np.number)
+
+
+def parallel_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    processes: int | None = None,
+    start_method: str | None = None,
+    chunksize: int | None = None,
+    timeout: float | None = None,
+    share_threshold: int = sharing.DEFAULT_THRESHOLD,
+    share: Iterable[Any] = (),
+    progress: ProgressCallback | None = None,
+) -> np.ndarray | list:
+    """Apply ``fn`` to every item in worker processes; results in item order.
+
+    Big arrays ``fn`` reaches (closure, globals, defaults) or found in
+    ``items`` are shared with workers without pickling: read-only copies made
+    once per call, or zero-copy when they already live in shared memory
+    (:func:`shm_kernel_safe.empty`, :func:`~shm_kernel_safe.zeros`,
+    :func:`~shm_kernel_safe.share`); a shared array that is writable here is
+    writable in workers. Returns an ndarray when results are numbers or
+    equal-shape arrays, else a list; never a view of shared memory.
+
+    Raises :class:`TaskError` (item + remote traceback) when a task raises,
+    :class:`WorkerDiedError` when a worker dies, :class:`ParallelTimeoutError`
+    past ``timeout`` seconds, and ``KeyboardInterrupt`` on interrupt; in
+    every case remaining work stops and no segment is left behind.
+    """
+    processes, start_method = _validate(fn, processes, start_method, chunksize, timeout)
+    seq = _as_sequence(items)
+    n = len(seq)
+    if n == 0:
+        return []
+    force = tuple(share)
+    _check_picklable(fn)
+
+    call = _Call(
+        fn, seq, processes, start_method, chunksize, timeout, share_threshold, force, progress
+    )
+    try:
+        return call.run()
+    finally:
+        call.release()
+
+
+# -- validation -----------------------------------------------------------------
+def _validate(fn, processes, start_method, chunksize, timeout) -> tuple[int, str]:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if processes is None:
+        processes = pools.usable_cpus()
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    start_method = start_method or _platform.default_start_method()
+    if start_method not in _platform.available_start_methods():
+        raise ValueError(
+            f"unknown start method {start_method!r}; choose from "
+            f"{', '.join(_platform.available_start_methods())}"
+        )
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"chunksize must be an integer >= 1, got {chunksize!r}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return processes, start_method
+
+
+def _as_sequence(items: Any) -> Any:
+    if isinstance(items, (range, list, tuple, np.ndarray)):
+        return items
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"items must be an iterable of work items (a range, list, array...), "
+            f"got {type(items).__name__}"
+        )
+    return list(items)
+
+
+def _check_picklable(fn: Any) -> None:
+    """Fail before any process starts, naming the global that cannot travel."""
+    try:
+        cloudpickle.dumps(fn)
+        return
+    except Exception as exc:
+        culprit = _find_unpicklable_name(fn)
+        where = f" (it uses {culprit})" if culprit else ""
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(f"cannot send {name} to worker processes{where}: {exc}") from exc
+
+
+def _find_unpicklable_name(fn: Any) -> str | None:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    candidates: list[tuple[str, Any]] = []
+    globs = getattr(fn, "__globals__", {})
+    candidates += [(f"global {n!r}", globs[n]) for n in code.co_names if n in globs]
+    cells = getattr(fn, "__closure__", None) or ()
+    for var, cell in zip(code.co_freevars, cells, strict=False):
+        with contextlib.suppress(ValueError):
+            candidates.append((f"closure variable {var!r}", cell.cell_contents))
+    for label, value in candidates:
+        if isinstance(value, np.ndarray):
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"{label} of type {type(value).__name__}"
+    return None
+
+
+# -- one call -------------------------------------------------------------------
+class _Call:
+    def __init__(
+        self, fn, seq, processes, start_method, chunksize, timeout, threshold, force, progress
+    ):
+        self.n = len(seq)
+        self.processes = processes
+        self.start_method = start_method
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.progress = progress
+        self.call_id = uuid.uuid4().hex
+        self.fn = fn
+        self.owned: list[str] = []
+        self.out: np.ndarray | None = None
+        data, self.report = sharing.dumps(Payload(fn, seq), threshold, force)
+        payload = empty(len(data), dtype=np.uint8)
+        payload[:] = np.frombuffer(data, dtype=np.uint8)
+        self.payload = _handle(payload, self.owned)
+        few = self.n <= 4 * processes
+        first = 0 if few else 1
+        self.chunks = ([] if few else [(0, 1)]) + guided_chunks(
+            self.n, processes, chunksize=chunksize, first=first
+        )
+        self.ctrl = ControlBlock.create(len(self.chunks))
+        self.control = _handle(self.ctrl.array, self.owned)
+        self.stack_in_place = not few
+        self.items = seq
+        self._last_progress = 0.0
+
+    # The call's segments are unlinked here whatever happened; workers may
+    # keep them mapped until their next call, the memory is never unmapped
+    # under a live view.
+    def release(self) -> None:
+        sharing.release(self.report)
+        for name in self.owned:
+            unlink_name(name)
+        self.owned.clear()
+        self.out = None
+
+    @property
+    def code_files(self) -> dict[str, str]:
+        return tracebacks.code_files(self.fn)
+
+    def task(self, chunk: int, out: SharedArray | None = None, scalar_type=None) -> ChunkTask:
+        start, stop = self.chunks[chunk]
+        return ChunkTask(
+            self.call_id, self.payload, self.control, chunk, start, stop, out, scalar_type
+        )
+
+    def run(self) -> np.ndarray | list:
+        executor = pools.get_pool(self.processes, self.start_method)
+        results: dict[int, ChunkResult] = {}
+        out_handle, scalar_type, rest = None, None, range(len(self.chunks))
+        if self.stack_in_place:
+            first = self._wait(executor, [executor.submit(run_chunk, self.task(0))])[0]
+            results[0] = first
+            out_handle, scalar_type = self._allocate_out(first.values[0])
+            rest = range(1, len(self.chunks))
+        futures = [executor.submit(run_chunk, self.task(c, out_handle, scalar_type)) for c in rest]
+        for res in self._wait(executor, futures):
+            results[res.chunk] = res
+        self._report_progress(force=True)
+        return self._gather(results)
+
+    # -- results ---------------------------------------------------------
+    def _allocate_out(self, first: Any) -> tuple[SharedArray | None, type | None]:
+        if isinstance(first, _SCALAR_TYPES):
+            out = empty((self.n,), dtype=np.asarray(first).dtype)
+            scalar_type: type | None = type(first)
+        elif isinstance(first, np.ndarray) and not first.dtype.hasobject:
+            out = empty((self.n, *first.shape), dtype=first.dtype)
+            scalar_type = None
+        else:
+            return None, None
+        out[0] = first
+        self.out = out
+        return _handle(out, self.owned), scalar_type
+
+    def _gather(self, results: dict[int, ChunkResult]) -> np.ndarray | list:
+        if self.out is None:
+            values: list = []
+            for c in range(len(self.chunks)):
+                values.extend(results[c].values or [])
+            return _stack_or_list(values)
+        misfits: dict[int, Any] = {}
+        for res in results.values():
+            misfits.update(res.misfits)
+        if not misfits:
+            return np.array(self.out, copy=True)  # owned memory, never a view
+        values = [misfits[i] if i in misfits else _owned(self.out[i]) for i in range(self.n)]
+        return _stack_or_list(values)
+
+    # -- waiting ---------------------------------------------------------
+    def _wait(self, executor, futures: list[cf.Future]) -> list[ChunkResult]:
+        pending = set(futures)
+        finished: list[ChunkResult] = []
+        try:
+            while pending:
+                timeout = _POLL
+                if self.deadline is not None:
+                    timeout = max(0.0, min(_POLL, self.deadline - time.monotonic()))
+                done, pending = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    res = fut.result()
+                    if res.error is not None:
+                        err = res.error
+                        text = tracebacks.render(err.frames, err.exc_lines, self.code_files)
+                        raise TaskError(
+                            err.index, err.item_repr, err.exc_type, err.message, text
+                        ) from err.original
+                    finished.append(res)
+                self._report_progress()
+                if pending and self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise ParallelTimeoutError(
+                        f"parallel_map did not finish within {self.timeout} s "
+                        f"({self.ctrl.done()}/{self.n} items done); its workers were stopped"
+                    )
+        except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
+            self._stop(pending, kill=True)
+            raise self._worker_died(exc) from None
+        except BaseException:
+            self._stop(pending, kill=False)
+            raise
+        return finished
+
+    def _stop(self, pending: set[cf.Future], kill: bool) -> None:
+        """Cancel what is queued, let running chunks stop, kill them if stuck."""
+        self.ctrl.cancel()
+        for fut in pending:
+            fut.cancel()
+        if not kill:
+            deadline = time.monotonic() + CANCEL_GRACE
+            while self.ctrl.running() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            kill = bool(self.ctrl.running())
+        if kill:
+            pools.discard(self.processes, self.start_method)
+
+    def _worker_died(self, exc: BaseException) -> WorkerDiedError:
+        codes = _exit_codes(str(exc))
+        dead = [
+            (c, pid, done) for c, pid, done in self.ctrl.running() if not _platform.pid_alive(pid)
+        ]
+        how = f" (exit code {codes})" if codes else ""
+        if dead:
+            chunk, pid, done = dead[0]
+            index = self.chunks[chunk][0] + done
+            msg = (
+                f"worker process {pid} died{how} while running item {index} "
+                f"({_short_repr(self.items, index)}); the pool was replaced, "
+                f"nothing else was lost"
+            )
+            return WorkerDiedError(msg, index, codes)
+        return WorkerDiedError(f"a worker process died{how}; the pool was replaced", None, codes)
+
+    def _report_progress(self, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_progress >= 0.1:
+            self._last_progress = now
+            self.progress(min(self.ctrl.done(), self.n), self.n)
+
+
+def _handle(arr: np.ndarray, owned: list[str]) -> SharedArray:
+    handle = handle_of(arr)
+    assert handle is not None
+    owned.append(handle.name)
+    return handle
+
+
+def _owned(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _stack_or_list(values: list) -> np.ndarray | list:
+    """An ndarray when the values are numbers or equal-shape arrays, else the list."""
+    if not values:
+        return values
+    if all(isinstance(v, _SCALAR_TYPES) for v in values):
+        return np.asarray(values)
+    if all(isinstance(v, np.ndarray) and not v.dtype.hasobject for v in values):
+        shape = values[0].shape
+        if all(v.shape == shape for v in values):
+            return np.stack(values)
+    return values
+
+
+def _exit_codes(message: str) -> str:
+    match = re.search(r"exit codes of the workers are \{(.*?)\}", message)
+    return match.group(1) if match else ""
+
+
+def _short_repr(items: Any, index: int) -> str:
+    try:
+        text = repr(items[index])
+    except Exception:
+        return f"<item {index}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:
+    """Start a pool's workers now so the first call is warm; returns their pids."""
+    from .worker import ping
+
+    processes, start_method = _validate(ping, processes, start_method, None, None)
+    executor = pools.get_pool(processes, start_method)
+    futures = [executor.submit(ping) for _ in range(processes * 2)]
+    for fut in futures:
+        fut.result()
+    return sorted(pools.worker_pids(executor))

@@ -1,0 +1,141 @@
+"""Pickle a call's payload once, moving big arrays to shared memory on the way.
+
+``cloudpickle`` sends functions and classes defined in a notebook or a
+console's ``__main__`` by value, which is what makes them work under spawn.
+We extend its pickler with ``reducer_override`` (the same hook joblib's
+memmapping reducer uses) so that any ndarray above a size threshold, found
+anywhere in the payload (closures, globals the function uses, defaults,
+items), is replaced by a small :class:`~shm_kernel_safe.arrays.SharedArray`:
+
+* an array that already lives in one of our segments travels as a handle
+  with no copy (writable in workers if it is writable here);
+* any other big array is copied once into a new read-only segment, owned by
+  the call and unlinked when the call ends.
+
+Workers rebuild the arrays as views of segments they map once and keep.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from .arrays import SharedArray, handle_of, share
+
+DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
+
+
+@dataclass
+class SharingReport:
+    """What pickling a payload did, for cleanup and for the benchmarks."""
+
+    created: list[SharedArray] = field(default_factory=list)  # owned by the call
+    reused: list[SharedArray] = field(default_factory=list)  # already in segments
+    copied_bytes: int = 0
+
+    def names(self) -> set[str]:
+        return {h.name for h in self.created} | {h.name for h in self.reused}
+
+
+class _SharingPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, threshold: int, force: set[int], report: SharingReport):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._threshold = threshold
+        self._force = force
+        self._report = report
+        self._by_data: dict[tuple, SharedArray] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            handle = self._handle_for(obj)
+            if handle is not None:
+                return _rebuild_array, _fields(handle)
+        elif isinstance(obj, SharedArray):
+            # A handle closed over by the function arrives as the array itself.
+            self._report.reused.append(obj)
+            return _rebuild_array, _fields(obj)
+        return super().reducer_override(obj)
+
+    def _handle_for(self, arr: np.ndarray) -> SharedArray | None:
+        existing = handle_of(arr)
+        if existing is not None:
+            self._report.reused.append(existing)
+            return existing
+        if arr.nbytes < self._threshold and id(arr) not in self._force:
+            return None
+        key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
+        handle = self._by_data.get(key)
+        if handle is None:
+            handle = share(arr).as_readonly()
+            self._by_data[key] = handle
+            self._report.created.append(handle)
+            self._report.copied_bytes += arr.nbytes
+        return handle
+
+
+def dumps(
+    obj: Any, threshold: int = DEFAULT_THRESHOLD, force: tuple[Any, ...] = ()
+) -> tuple[bytes, SharingReport]:
+    """Pickle ``obj`` for workers; big arrays go to shared memory.
+
+    ``force`` lists arrays to share whatever their size. On error, segments
+    already created for this payload are released before re-raising.
+    """
+    report = SharingReport()
+    buf = io.BytesIO()
+    try:
+        _SharingPickler(buf, threshold, {id(a) for a in force}, report).dump(obj)
+    except BaseException:
+        release(report)
+        raise
+    return buf.getvalue(), report
+
+
+def release(report: SharingReport) -> None:
+    """Free the names of segments a payload created; views elsewhere live on."""
+    from .segments import unlink_name
+
+    for handle in report.created:
+        unlink_name(handle.name)
+    report.created.clear()
+
+
+# -- worker side ----------------------------------------------------------------
+_touched = threading.local()
+
+
+def _fields(handle: SharedArray) -> tuple:
+    # Plain values only: a SharedArray here would be reduced again, forever.
+    return (
+        handle.name,
+        handle.segment_nbytes,
+        handle.shape,
+        handle.dtype.str if not handle.dtype.fields else handle.dtype,
+        handle.offset,
+        handle.strides,
+        handle.writable,
+    )
+
+
+def _rebuild_array(*fields: Any) -> np.ndarray:
+    handle = SharedArray(*fields)
+    names = getattr(_touched, "names", None)
+    if names is not None:
+        names.add(handle.name)
+    return handle.view()
+
+
+def loads(data: bytes | memoryview) -> tuple[Any, set[str]]:
+    """Unpickle a payload; also return the segment names it attached."""
+    _touched.names = set()
+    try:
+        obj = pickle.loads(data)
+        return obj, _touched.names
+    finally:
+        _touched.names = None

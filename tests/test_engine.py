@@ -1,0 +1,197 @@
+"""parallel_map with real worker processes under every start method."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shm_kernel_safe as sks
+from shm_kernel_safe import arrays
+
+from .helpers import shm_entries
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_orphans")]
+
+METHODS = ["forkserver", "spawn", "fork"]
+X = np.random.default_rng(1).standard_normal((40_000, 16))  # 5 MB: shared, not pickled
+
+
+def hourly(nn: int) -> float:
+    return float(X[nn::100].sum())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_results_in_order_and_types(method):
+    y = sks.parallel_map(hourly, range(300), start_method=method, processes=2)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64 and y.shape == (300,)
+    assert np.allclose(y, [hourly(i) for i in range(300)])
+    words = sks.parallel_map(str.upper, ["a", "b", "c"], start_method=method, processes=2)
+    assert words == ["A", "B", "C"]
+    rows = sks.parallel_map(
+        lambda i: np.full(3, i, dtype=np.int32), range(50), start_method=method, processes=2
+    )
+    assert rows.shape == (50, 3) and rows.dtype == np.int32 and rows[49, 2] == 49
+    assert arrays.handle_of(rows) is None and rows.base is None  # owned, not shared
+
+
+def test_ragged_and_mixed_results_fall_back_to_list():
+    ragged = sks.parallel_map(lambda i: np.zeros(i % 3), range(40), processes=2)
+    assert isinstance(ragged, list) and [len(r) for r in ragged[:4]] == [0, 1, 2, 0]
+    mixed = sks.parallel_map(lambda i: i if i else 0.5, range(40), processes=2)
+    assert isinstance(mixed, np.ndarray) and mixed[0] == 0.5 and mixed[39] == 39
+    objs = sks.parallel_map(lambda i: {"i": i}, range(30), processes=2)
+    assert objs[29] == {"i": 29}
+    assert sks.parallel_map(hourly, []) == []
+
+
+def test_items_can_be_any_iterable_and_arrays():
+    gen = (i * 2 for i in range(25))
+    assert sks.parallel_map(lambda v: v + 1, gen, processes=2).tolist() == list(range(1, 50, 2))
+    big_items = np.arange(300_000, dtype=np.float64).reshape(1000, 300)
+    sums = sks.parallel_map(np.sum, big_items, processes=2)
+    assert np.allclose(sums, big_items.sum(axis=1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_closure_array_is_shared_read_only_not_copied_per_task(method):
+    big = np.arange(2_000_000, dtype=np.float64)  # 16 MB
+
+    def probe(i):
+        from shm_kernel_safe import arrays as a
+
+        _root, mapping = a._root_and_mapping(big)
+        return (
+            i,
+            big.flags.writeable,
+            type(mapping).__name__,
+            os.getpid(),
+            len(a.attached_names()),
+        )
+
+    out = sks.parallel_map(probe, range(200), start_method=method, processes=2)
+    assert all(w is False for _, w, _, _, _ in out)  # read-only in workers
+    assert {m for _, _, m, _, _ in out} == {"mmap"}  # a view of shared memory
+    # attached once per worker per call: payload + control + result + big array
+    assert max(n for *_, n in out) <= 4
+
+
+def test_preshared_array_travels_without_copy_and_is_writable():
+    from shm_kernel_safe import sharing
+
+    x = sks.zeros((1000, 8))
+    x[:] = 1.0
+    y = sks.zeros(1000)
+
+    def work(i):
+        y[i] = x[i].sum() * 2
+        return 0
+
+    _, report = sharing.dumps(work)
+    assert report.copied_bytes == 0 and {h.name for h in report.reused} >= {
+        sks.handle_of(x).name,
+        sks.handle_of(y).name,
+    }
+    sks.parallel_map(work, range(1000), processes=2)
+    assert np.all(y == 16.0)
+
+
+def test_same_segment_kept_mapped_across_calls_and_pool_reused():
+    x = sks.zeros(300_000)
+
+    def who(i):
+        from shm_kernel_safe import arrays as a
+
+        return os.getpid(), tuple(sorted(a.attached_names()))
+
+    first = sks.parallel_map(lambda i: (*who(i), float(x[i])), range(100), processes=2)
+    second = sks.parallel_map(lambda i: (*who(i), float(x[i])), range(100), processes=2)
+    pids1 = {p for p, *_ in first}
+    pids2 = {p for p, *_ in second}
+    assert pids1 == pids2  # warm: the same workers
+    name = sks.handle_of(x).name
+    assert all(name in names for _, names, _ in second)
+
+
+def test_task_exception_names_item_and_traceback():
+    def fails_on_7(i):
+        if i == 7:
+            raise ValueError(f"bad hour {i}")
+        return i
+
+    with pytest.raises(sks.TaskError) as info:
+        sks.parallel_map(fails_on_7, range(100), processes=2)
+    err = info.value
+    assert err.index == 7 and err.exc_type == "ValueError" and "bad hour 7" in str(err)
+    assert "fails_on_7" in err.remote_traceback and "raise ValueError" in err.remote_traceback
+    assert "run_chunk" not in err.remote_traceback  # engine frames are hidden
+    assert isinstance(err.__cause__, ValueError)
+    # the pool is still usable
+    assert sks.parallel_map(lambda i: i, range(10), processes=2).sum() == 45
+
+
+@pytest.mark.parametrize("how", ["exit", "segv"])
+@pytest.mark.parametrize("method", METHODS)
+def test_worker_death_is_reported_fast_and_pool_replaced(method, how):
+    def dies_on_42(i):
+        if i == 42:
+            if how == "exit":
+                os._exit(3)
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(0.002)
+        return i
+
+    t0 = time.monotonic()
+    with pytest.raises(sks.WorkerDiedError) as info:
+        sks.parallel_map(dies_on_42, range(400), processes=2, start_method=method)
+    assert time.monotonic() - t0 < 5
+    err = info.value
+    assert err.index == 42, str(err)
+    assert ("SIGSEGV" in str(err)) if how == "segv" else ("3" in err.exitcodes)
+    # a fresh pool serves the next call
+    assert sks.parallel_map(lambda i: i, range(10), processes=2, start_method=method).sum() == 45
+
+
+def test_timeout_stops_workers():
+    t0 = time.monotonic()
+    with pytest.raises(sks.ParallelTimeoutError, match="within 1"):
+        sks.parallel_map(lambda i: time.sleep(30), range(8), processes=2, timeout=1)
+    assert time.monotonic() - t0 < 4
+
+
+def test_bad_input_is_refused_before_any_process_starts():
+    lock = threading.Lock()
+
+    def uses_lock(i):
+        with lock:
+            return i
+
+    with pytest.raises(TypeError, match="iterable"):
+        sks.parallel_map(hourly, 5)
+    with pytest.raises(TypeError, match="callable"):
+        sks.parallel_map(3, range(3))
+    with pytest.raises(ValueError, match="processes"):
+        sks.parallel_map(hourly, range(3), processes=0)
+    with pytest.raises(ValueError, match="start method"):
+        sks.parallel_map(hourly, range(3), start_method="thread")
+    with pytest.raises(TypeError, match="closure variable 'lock'"):
+        sks.parallel_map(uses_lock, range(3))
+    with pytest.raises(ValueError, match="chunksize"):
+        sks.parallel_map(hourly, range(3), chunksize=0)
+    from shm_kernel_safe import pool
+
+    assert pool.pool_info() == []  # nothing was started
+
+
+def test_no_segment_left_after_failures():
+    before = shm_entries()
+    with pytest.raises(sks.TaskError):
+        sks.parallel_map(lambda i: 1 / 0, range(50), processes=2)
+    with pytest.raises(sks.WorkerDiedError):
+        sks.parallel_map(lambda i: os._exit(1), range(50), processes=2)
+    assert shm_entries() == before
