@@ -19,11 +19,26 @@ from .errors import (
 )
 from .janitor import StaleSegment, cleanup_stale, find_stale
 from .pool import shutdown_all as shutdown_pools
-from .protect import is_protected, protect, unprotect
+from .stdlib_patch import is_protected, protect, unprotect
 from .runner import parallel_map, prestart
 from .segments import live_segments
 
 __version__ = "0.1.0.dev0"
+
+
+def load_ipython_extension(shell):
+    """``%load_ext shm_kernel_safe``: safe close, inspection hooks, magics."""
+    from .extension import load_ipython_extension as load
+
+    load(shell)
+
+
+def unload_ipython_extension(shell):
+    """``%unload_ext shm_kernel_safe``: undo exactly what loading did."""
+    from .extension import unload_ipython_extension as unload
+
+    unload(shell)
+
 
 __all__ = [
     "DanglingArrayError",

@@ -52,7 +52,22 @@ def _human(nbytes: int) -> str:
 human_bytes = _human
 
 
-class TaskError(ShmKernelSafeError):
+class _RemoteFailure(ShmKernelSafeError):
+    """Failures that happened in another process.
+
+    IPython calls ``_render_traceback_`` (as for ipyparallel's RemoteError)
+    and shows its lines instead of the local stack, which would only show
+    engine internals: the user sees the item and the remote traceback.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        lines = str(self).splitlines()
+        return (
+            [f"{type(self).__name__}: {lines[0]}", *lines[1:]] if lines else [type(self).__name__]
+        )
+
+
+class TaskError(_RemoteFailure):
     """A task raised: names the item and carries the remote traceback.
 
     ``__cause__`` is the original exception when it could be pickled back.
@@ -70,7 +85,7 @@ class TaskError(ShmKernelSafeError):
         )
 
 
-class WorkerDiedError(ShmKernelSafeError):
+class WorkerDiedError(_RemoteFailure):
     """A worker process died (segfault, os._exit, OOM kill) during a call."""
 
     def __init__(self, message: str, index: int | None = None, exitcodes: str = ""):
@@ -79,5 +94,5 @@ class WorkerDiedError(ShmKernelSafeError):
         super().__init__(message)
 
 
-class ParallelTimeoutError(ShmKernelSafeError, TimeoutError):
+class ParallelTimeoutError(_RemoteFailure, TimeoutError):
     """A call ran past its ``timeout=``; its workers were stopped."""

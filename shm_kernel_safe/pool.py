@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.context as mp_context
 import multiprocessing.spawn as mp_spawn
 import os
+import sys
 import threading
 import warnings
 from typing import Any
@@ -45,7 +46,18 @@ def _main_free_preparation():
         original = mp_spawn.get_preparation_data
 
         def stripped(name: str) -> dict[str, Any]:
-            data = original(name)
+            # IPython's own __main__ (a DummyMod) has no __spec__, on which
+            # the stdlib trips; the main module is dropped below anyway.
+            main = sys.modules.get("__main__")
+            patched = main is not None and not hasattr(main, "__spec__")
+            if patched:
+                main.__spec__ = None
+            try:
+                data = original(name)
+            finally:
+                if patched:
+                    with contextlib.suppress(AttributeError):
+                        del main.__spec__
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
             return data
@@ -94,6 +106,19 @@ def make_context(start_method: str) -> multiprocessing.context.BaseContext:
     )
 
 
+def _init_worker() -> None:
+    """Runs once in each worker.
+
+    loky restarts a worker whose RSS grew by 300 MB, taking it for a leak.
+    Pages of shared segments count in RSS, so a worker that maps a 1.28 GB
+    ``x`` would be recycled after its first task and lose its mappings: the
+    opposite of a warm pool. Shared memory is not a leak; turn the check off.
+    """
+    from loky import process_executor
+
+    process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
+
+
 def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -112,7 +137,10 @@ def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
             # loky discourages fork; the user asked for it explicitly.
             warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
             pool = ProcessPoolExecutor(
-                max_workers=processes, context=make_context(start_method), timeout=IDLE_TIMEOUT
+                max_workers=processes,
+                context=make_context(start_method),
+                timeout=IDLE_TIMEOUT,
+                initializer=_init_worker,
             )
         _pools[key] = pool
         return pool
@@ -137,6 +165,8 @@ def discard(processes: int, start_method: str) -> None:
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers and wait (bounded) until loky has released its
+    queues and semaphores, so nothing of the pool outlives this call."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
     with contextlib.suppress(Exception):
         pool.shutdown(wait=False, kill_workers=True)
@@ -146,6 +176,10 @@ def _kill(pool: ProcessPoolExecutor) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.join(timeout=2)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        with contextlib.suppress(Exception):
+            manager.join(timeout=5)
 
 
 def shutdown_all() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from . import _platform, sharing, tracebacks
 from . import pool as pools
 from .arrays import SharedArray, empty, handle_of
-from .chunking import guided_chunks
+from .chunking import guided_chunks, min_chunk_for
 from .control import ControlBlock
 from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
 from .segments import unlink_name
@@ -168,15 +168,20 @@ class _Call:
         payload[:] = np.frombuffer(data, dtype=np.uint8)
         self.payload = _handle(payload, self.owned)
         few = self.n <= 4 * processes
-        first = 0 if few else 1
-        self.chunks = ([] if few else [(0, 1)]) + guided_chunks(
-            self.n, processes, chunksize=chunksize, first=first
-        )
-        self.ctrl = ControlBlock.create(len(self.chunks))
+        # Chunk 0 is the probe (item 0 alone): it tells the result layout and
+        # the time per item, from which the rest are cut (see run()).
+        self.chunksize = chunksize
+        self.chunks = [(i, i + 1) for i in range(self.n)] if few else [(0, 1)]
+        self.ctrl = ControlBlock.create(max(len(self.chunks), self._max_chunks()))
         self.control = _handle(self.ctrl.array, self.owned)
         self.stack_in_place = not few
         self.items = seq
         self._last_progress = 0.0
+
+    def _max_chunks(self) -> int:
+        if self.chunksize is not None:
+            return 1 + -(-self.n // self.chunksize)
+        return 1 + len(guided_chunks(self.n, self.processes, first=1, min_chunk=1))
 
     # The call's segments are unlinked here whatever happened; workers may
     # keep them mapped until their next call, the memory is never unmapped
@@ -206,6 +211,10 @@ class _Call:
             first = self._wait(executor, [executor.submit(run_chunk, self.task(0))])[0]
             results[0] = first
             out_handle, scalar_type = self._allocate_out(first.values[0])
+            min_chunk = min_chunk_for(first.seconds, self.n, self.processes)
+            self.chunks += guided_chunks(
+                self.n, self.processes, chunksize=self.chunksize, first=1, min_chunk=min_chunk
+            )
             rest = range(1, len(self.chunks))
         futures = [executor.submit(run_chunk, self.task(c, out_handle, scalar_type)) for c in rest]
         for res in self._wait(executor, futures):

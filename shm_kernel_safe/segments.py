@@ -150,7 +150,7 @@ def _create_mapping(name: str, nbytes: int) -> mmap.mmap:
     try:
         os.ftruncate(fd, size)
         capacity.reserve(fd, size)
-        return mmap.mmap(fd, size)
+        return _advised(mmap.mmap(fd, size))
     except BaseException:
         with contextlib.suppress(OSError):
             _posixshmem.shm_unlink("/" + name)
@@ -173,9 +173,28 @@ def _attach_mapping(name: str, nbytes: int) -> mmap.mmap:
         actual = os.fstat(fd).st_size
         if actual < size:
             raise ValueError(f"segment {name} holds {actual} bytes, handle says {size}")
-        return mmap.mmap(fd, size)
+        return _advised(mmap.mmap(fd, size))
     finally:
         os.close(fd)
+
+
+_HUGE_PAGE_MIN = 4 << 20
+
+
+def _advised(mapping: mmap.mmap) -> mmap.mmap:
+    """Ask for transparent huge pages on big mappings.
+
+    numpy gets 2 MiB pages for its own big arrays (it madvises them); shared
+    memory gets 4 KiB pages unless asked, and a task reading a large block
+    then spends a few percent in TLB misses. Effective where the kernel
+    allows it for shmem (``/sys/kernel/mm/transparent_hugepage/shmem_enabled``
+    = advise, within_size or always); a harmless no-op elsewhere.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and len(mapping) >= _HUGE_PAGE_MIN:
+        with contextlib.suppress(OSError):
+            mapping.madvise(advice)
+    return mapping
 
 
 def _windows_create(name: str, size: int) -> mmap.mmap:  # pragma: no cover - Windows

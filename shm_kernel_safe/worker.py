@@ -10,6 +10,7 @@ store per item in the control block, never a message.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ class ChunkResult:
     values: list | None = None  # when there is no shared result array
     misfits: dict[int, Any] = field(default_factory=dict)  # results that do not stack
     error: RemoteError | None = None
+    seconds: float = 0.0  # wall time of the items, for adaptive chunk sizing
 
 
 _current: dict[str, Any] = {"call_id": None, "payload": None, "names": frozenset()}
@@ -80,7 +82,9 @@ def _payload_for(task: ChunkTask) -> Payload:
 
 
 def run_chunk(task: ChunkTask) -> ChunkResult:
-    ctrl = task.control.view()
+    # A memoryview indexes to plain ints, about twice as fast per item as
+    # numpy scalar indexing; the per-item loop below is all overhead.
+    ctrl = memoryview(task.control.view())
     row = control.HEADER + control.ROW * task.chunk
     ctrl[row + control.PID] = os.getpid()
     ctrl[row + control.STATE] = control.RUNNING
@@ -97,6 +101,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     scalar_type = task.out_scalar_type
     done_slot = row + control.DONE
     i = task.start
+    t0 = time.perf_counter()
     try:
         for i in range(task.start, task.stop):
             if ctrl[control.CANCEL]:
@@ -109,6 +114,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
             ctrl[done_slot] += 1
     except BaseException as exc:
         result.error = _describe(exc, i, items)
+    result.seconds = time.perf_counter() - t0
     result.done = int(ctrl[done_slot])
     result.values = values
     ctrl[row + control.STATE] = control.FINISHED

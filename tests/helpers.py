@@ -10,9 +10,25 @@ SHM_DIR = "/dev/shm"
 
 
 def shm_entries() -> set[str]:
+    """Our segments that this test run is answerable for: made by this
+    process, its children (kernels, workers), or processes now dead; not
+    those of an unrelated live process (a benchmark running alongside)."""
+    import psutil
+
+    from shm_kernel_safe.naming import parse_name
+
     if not os.path.isdir(SHM_DIR):
         return set()
-    return {e for e in os.listdir(SHM_DIR) if e.startswith("sks")}
+    me = psutil.Process()
+    mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    out = set()
+    for entry in os.listdir(SHM_DIR):
+        parsed = parse_name(entry)
+        if parsed is None:
+            continue
+        if parsed.pid in mine or not psutil.pid_exists(parsed.pid):
+            out.add(entry)
+    return out
 
 
 def run_python(

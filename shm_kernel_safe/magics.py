@@ -1,0 +1,267 @@
+"""The IPython magics: ``%%shm_parallel``, ``%shm_share``, ``%shm_status``,
+``%shm_cleanup``. A thin layer: parse a line, collect names from the user
+namespace, call the library, write owned copies back."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import cells, janitor, pool, segments
+from .arrays import handle_of, label, share
+from .errors import human_bytes
+from .progress import PROGRESS_MODES, make_progress
+from .runner import parallel_map
+from .sharing import DEFAULT_THRESHOLD
+
+
+@magics_class
+class ShmMagics(Magics):
+    """Magics of shm_kernel_safe; see ``%%shm_parallel?``."""
+
+    @magic_arguments()
+    @argument(
+        "loop", nargs="*", help="VAR in ITERABLE: the cell runs once per item, VAR bound to it"
+    )
+    @argument(
+        "-n",
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes (default: the usable CPUs)",
+    )
+    @argument(
+        "--start-method",
+        default=None,
+        choices=["spawn", "forkserver", "fork"],
+        help="how workers start (default: forkserver on Linux, spawn elsewhere)",
+    )
+    @argument(
+        "--chunksize",
+        type=int,
+        default=None,
+        help="items per message (default: adaptive, timed on the first item)",
+    )
+    @argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
+    @argument(
+        "--progress",
+        default="auto",
+        choices=PROGRESS_MODES,
+        help="progress display: widget bar in Jupyter, text bar elsewhere",
+    )
+    @argument(
+        "--out",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an existing ndarray the cell writes into (repeatable); shared writable, "
+        "copied back into the same array object after the run",
+    )
+    @argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="share this array with workers even if it is under the 1 MiB threshold",
+    )
+    @argument(
+        "-r",
+        "--result",
+        default=None,
+        metavar="NAME",
+        help="gather the value of the cell's last expression for each item into NAME "
+        "(an ndarray when the values stack, else a list)",
+    )
+    @cell_magic
+    def shm_parallel(self, line: str, cell: str) -> None:
+        """Run the cell once per item, in worker processes, safely.
+
+        Example, the hourly analysis of a year over a big array ``x``::
+
+            %%shm_parallel nn in range(8760) --out y
+            y[nn] = hourly_calc(x, nn)
+
+        Names the cell uses are looked up in the namespace when it starts:
+        ndarrays over 1 MiB are shared with the workers read-only and without
+        copying per task (zero copies for arrays already in shared memory, see
+        %shm_share); functions and classes defined in the notebook travel by
+        value, so they work under spawn (Windows, macOS). Names assigned
+        inside the cell stay in the workers: only ``--out`` arrays (written in
+        place, then copied back into your array) and ``--result`` come back.
+        The magic returns nothing; afterwards no name refers to shared memory
+        it created.
+
+        A task that raises stops the run and shows the item and the traceback
+        in the cell; a worker that dies is reported with its item and signal;
+        an interrupt stops the workers within a second. Nothing is left in
+        /dev/shm in any case.
+        """
+        try:
+            spec = cells.split_line(line)
+            args = parse_argstring(self.shm_parallel, spec.options)
+        except cells.CellSyntaxError as exc:
+            raise UsageError(str(exc)) from None
+        if args.loop:
+            raise UsageError(f"unexpected {' '.join(args.loop)!r} after the options")
+        ns = self.shell.user_ns
+        try:
+            items = eval(spec.iterable, ns)
+        except Exception as exc:
+            raise UsageError(
+                f"cannot evaluate {spec.iterable!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            iter(items)
+        except TypeError:
+            raise UsageError(
+                f"{spec.iterable!r} is a {type(items).__name__}, not an iterable"
+            ) from None
+
+        outs = self._outputs(args.out)
+        forced = []
+        for name in args.share:
+            if name not in ns or not isinstance(ns[name], np.ndarray):
+                raise UsageError(f"--share {name}: no ndarray named {name!r} in the namespace")
+            forced.append(ns[name])
+        try:
+            cell_fn = cells.compile_cell(spec.target, cell, want_result=args.result is not None)
+            if args.result is not None and not cell_fn.returns_last_value:
+                raise cells.CellSyntaxError(
+                    f"--result {args.result}: the cell must end with an expression to gather"
+                )
+            fn = cells.resolve(cell_fn, ns, {name: shared for name, (_, shared, _) in outs.items()})
+        except cells.CellSyntaxError as exc:
+            self._release(outs)
+            raise UsageError(str(exc)) from None
+
+        progress = make_progress(args.progress)
+        try:
+            result = parallel_map(
+                fn,
+                items,
+                processes=args.processes,
+                start_method=args.start_method,
+                chunksize=args.chunksize,
+                timeout=args.timeout,
+                share_threshold=DEFAULT_THRESHOLD,
+                share=forced,
+                progress=progress,
+            )
+        except BaseException as exc:
+            if progress is not None:
+                progress.close(error=exc)
+            self._release(outs)
+            raise
+        if progress is not None:
+            progress.close()
+        for original, shared, copied in outs.values():
+            if copied:
+                np.copyto(original, shared)  # into the caller's own array object
+        self._release(outs)
+        if args.result is not None:
+            ns[args.result] = result
+        return None
+
+    def _outputs(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+        """name -> (user's array, array workers write, whether it is a copy)."""
+        ns = self.shell.user_ns
+        outs: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        for name in names:
+            value = ns.get(name, None)
+            if name not in ns:
+                self._release(outs)
+                raise UsageError(
+                    f"--out {name}: no variable named {name!r}; create it first, "
+                    f"e.g. {name} = np.zeros(N)"
+                )
+            if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+                self._release(outs)
+                raise UsageError(
+                    f"--out {name}: {name} is a {type(value).__name__}, not a numeric ndarray"
+                )
+            if not value.flags.writeable:
+                self._release(outs)
+                raise UsageError(f"--out {name}: {name} is read-only")
+            handle = handle_of(value)
+            if handle is not None:
+                outs[name] = (value, value, False)  # already shared: workers write in place
+            else:
+                shared = share(value).view()
+                outs[name] = (value, shared, True)
+        return outs
+
+    @staticmethod
+    def _release(outs: dict[str, tuple[np.ndarray, np.ndarray, bool]]) -> None:
+        for _, shared, copied in outs.values():
+            if copied:
+                handle = handle_of(shared)
+                if handle is not None:
+                    segments.unlink_name(handle.name)
+        outs.clear()
+
+    @line_magic
+    def shm_share(self, line: str) -> None:
+        """Move arrays into shared memory once: ``%shm_share x [y ...]``.
+
+        The name then holds a shared-memory-backed array that later
+        %%shm_parallel cells and parallel_map calls share with zero copies.
+        It stays safe to inspect whatever happens to the segment's name.
+        """
+        names = line.split()
+        if not names:
+            raise UsageError("usage: %shm_share NAME [NAME ...]")
+        ns = self.shell.user_ns
+        for name in names:
+            if name not in ns:
+                raise UsageError(f"%shm_share: no variable named {name!r}")
+            value = ns[name]
+            if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+                raise UsageError(
+                    f"%shm_share: {name} is a {type(value).__name__}, not a numeric ndarray"
+                )
+            if handle_of(value) is not None:
+                print(f"{name} already lives in shared memory")
+                continue
+            t0 = time.perf_counter()
+            shared = share(value).view()
+            label(shared, f"{name}: {shared.shape} {shared.dtype}")
+            ns[name] = shared
+            print(
+                f"{name}: {human_bytes(shared.nbytes)} moved to shared memory "
+                f"in {time.perf_counter() - t0:.2f} s"
+            )
+
+    @line_magic
+    def shm_status(self, line: str = "") -> None:
+        """Shared-memory segments of this kernel, stale ones, and warm pools."""
+        live = segments.live_segments()
+        print(f"Segments of this kernel: {len(live)}")
+        for rec in live:
+            state = "views alive" if rec.views_alive else "no views"
+            name_state = "name unlinked" if rec.unlinked else "named"
+            desc = f" {rec.description}" if rec.description else ""
+            print(f"  {rec.name}  {human_bytes(rec.nbytes):>10}{desc}  ({state}, {name_state})")
+        stale = janitor.find_stale()
+        print(
+            f"Stale segments of dead processes: {len(stale)}"
+            + ("  (remove with %shm_cleanup)" if stale else "")
+        )
+        for seg in stale:
+            print(f"  {seg.name}  {human_bytes(seg.nbytes):>10}  owner pid {seg.owner_pid}")
+        pools = pool.pool_info()
+        print(f"Warm pools: {len(pools)}")
+        for info in pools:
+            print(f"  {info['processes']} x {info['start_method']}: pids {info['pids']}")
+
+    @line_magic
+    def shm_cleanup(self, line: str = "") -> None:
+        """Remove segments left in /dev/shm by dead processes of this user."""
+        removed = janitor.cleanup_stale()
+        if not removed:
+            print("nothing to clean: no stale segments of this user")
+        for seg in removed:
+            print(f"removed {seg.name} ({human_bytes(seg.nbytes)}, owner pid {seg.owner_pid})")
