@@ -13,6 +13,7 @@ machine are noise, ratios measured side by side are not. Medians of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -38,7 +39,7 @@ def block_start(nn: int, rows: int, k: int) -> int:
 
 def work(x: np.ndarray, nn: int, k: int) -> float:
     start = block_start(nn, x.shape[0], k)
-    return float(np.sqrt(np.abs(x[start:start + k])).sum())
+    return float(np.sqrt(np.abs(x[start : start + k])).sum())
 
 
 # -- stdlib baselines (module-level: spawn/forkserver children import them) -
@@ -86,20 +87,16 @@ def pss_of_tree() -> int:
     me = psutil.Process()
     total = 0
     for proc in [me, *me.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += proc.memory_full_info().pss
-        except psutil.Error:
-            pass
     return total
 
 
 def shm_bytes() -> int:
     total = 0
     for entry in os.scandir("/dev/shm"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             total += entry.stat().st_blocks * 512
-        except FileNotFoundError:
-            pass
     return total
 
 
@@ -127,8 +124,11 @@ def main() -> None:
         if per >= target or k >= args.rows // 2:
             break
         k = max(k + 1, int(k * min(4.0, target / max(per, 1e-7))))
-    print(f"x: {x.shape} float64 = {x.nbytes / 2**20:.0f} MiB; {N_TASKS} tasks of {k} rows "
-          f"(~{per * 1e6:.0f} us each serially); {P} processes; medians of {R}", flush=True)
+    print(
+        f"x: {x.shape} float64 = {x.nbytes / 2**20:.0f} MiB; {N_TASKS} tasks of {k} rows "
+        f"(~{per * 1e6:.0f} us each serially); {P} processes; medians of {R}",
+        flush=True,
+    )
 
     rows: dict[str, float] = {}
     ref = np.array([work(x, nn, k) for nn in range(N_TASKS)])
@@ -150,9 +150,8 @@ def main() -> None:
         out = sks.zeros(N_TASKS)
         ctx = mp.get_context("fork")
         half = N_TASKS // P
-        procs = [ctx.Process(target=floor_half,
-                             args=(x, out, i * half, N_TASKS if i == P - 1 else (i + 1) * half, k))
-                 for i in range(P)]
+        bounds = [(i * half, N_TASKS if i == P - 1 else (i + 1) * half) for i in range(P)]
+        procs = [ctx.Process(target=floor_half, args=(x, out, lo, hi, k)) for lo, hi in bounds]
         for p in procs:
             p.start()
         for p in procs:
@@ -168,16 +167,21 @@ def main() -> None:
     xs[:] = x
     ctx = mp.get_context()
     with ctx.Pool(P) as pool:
+
         def per_task():
-            return pool.map(task_attach_per_task, [(shm.name, x.shape, nn, k) for nn in range(N_TASKS)])
+            tasks = [(shm.name, x.shape, nn, k) for nn in range(N_TASKS)]
+            return pool.map(task_attach_per_task, tasks)
+
         rows["stdlib Pool, attach per task (the question)"], y = timed(per_task, R)
     assert np.allclose(y, ref)
     with ctx.Pool(P, initializer=init_attach_once, initargs=(shm.name, x.shape)) as pool:
+
         def once():
             return pool.map(task_attached, [(nn, k) for nn in range(N_TASKS)])
+
         rows["stdlib Pool, attach once per worker"], y = timed(once, R)
     assert np.allclose(y, ref)
-    del xs
+    xs = None
     shm.close()
     shm.unlink()
 
@@ -211,7 +215,8 @@ def main() -> None:
 
     # parallel_map with x already in shared memory: zero copy
     xs = sks.share(x).view()
-    del x
+    xbytes = x.nbytes
+    x = None  # only the shared copy remains, as after %shm_share x
     gc.collect()
 
     def pm_shared():
@@ -227,8 +232,7 @@ def main() -> None:
 
     # empty tasks, warm
     empty_t, _ = timed(lambda: sks.parallel_map(int, range(N_TASKS), processes=P), max(R, 5))
-    xbytes = xs.nbytes
-    del xs
+    xs = None
     sks.shutdown_pools()
     gc.collect()
     time.sleep(0.5)
@@ -250,28 +254,41 @@ def main() -> None:
             ov_j = (jw - serial / P) / N_TASKS
             ov_p = (pw - serial / P) / N_TASKS
             out["overhead_us"] = {"joblib": ov_j * 1e6, "parallel_map": ov_p * 1e6}
-            print(f"per-task overhead (wall - serial/{P})/N: parallel_map {ov_p * 1e6:.1f} us, "
-                  f"joblib {ov_j * 1e6:.1f} us (ratio {ov_p / ov_j:.2f})")
+            print(
+                f"per-task overhead (wall - serial/{P})/N: parallel_map {ov_p * 1e6:.1f} us, "
+                f"joblib {ov_j * 1e6:.1f} us (ratio {ov_p / ov_j:.2f})"
+            )
     pw = rows["parallel_map warm, x auto-shared per call"]
     ps = rows["parallel_map warm, x pre-shared (zero copy)"]
     out.update(
-        floor_ratio_warm=floor_t / ps, floor_ratio_warm_auto=floor_t / pw,
+        floor_ratio_warm=floor_t / ps,
+        floor_ratio_warm_auto=floor_t / pw,
         floor_ratio_cold=rows["parallel_map cold (pool start included)"] / floor_t,
-        sharing_cost_memcpy=share_cost / memcpy, memcpy_s=memcpy,
+        sharing_cost_memcpy=share_cost / memcpy,
+        memcpy_s=memcpy,
         call_delta_memcpy=(pw - ps) / memcpy,
-        pss_auto_mb=pss_auto / 2**20, pss_shared_mb=pss_shared / 2**20,
-        pss_budget_mb=(1.15 * xbytes + 300 * 2**20) / 2**20, empty_8760_ms=empty_t * 1e3,
-        pre_shared_copied_bytes=pre_copied, dev_shm_left_bytes=leftover,
+        pss_auto_mb=pss_auto / 2**20,
+        pss_shared_mb=pss_shared / 2**20,
+        pss_budget_mb=(1.15 * xbytes + 300 * 2**20) / 2**20,
+        empty_8760_ms=empty_t * 1e3,
+        pre_shared_copied_bytes=pre_copied,
+        dev_shm_left_bytes=leftover,
     )
-    print(f"warm parallel_map (pre-shared x) at {floor_t / ps:.2f} of the floor's speed; "
-          f"auto-shared at {floor_t / pw:.2f}; cold takes {out['floor_ratio_cold']:.2f}x the floor")
-    print(f"sharing x automatically costs {share_cost / memcpy:.2f} memcpy of x "
-          f"(x.copy() takes {memcpy * 1e3:.0f} ms); a warm call with auto-sharing takes "
-          f"{(pw - ps) / memcpy:.2f} memcpy longer than with x pre-shared, which copies "
-          f"{pre_copied} bytes")
+    print(
+        f"warm parallel_map (pre-shared x) at {floor_t / ps:.2f} of the floor's speed; "
+        f"auto-shared at {floor_t / pw:.2f}; cold takes {out['floor_ratio_cold']:.2f}x the floor"
+    )
+    print(
+        f"sharing x automatically costs {share_cost / memcpy:.2f} memcpy of x "
+        f"(x.copy() takes {memcpy * 1e3:.0f} ms); a warm call with auto-sharing takes "
+        f"{(pw - ps) / memcpy:.2f} memcpy longer than with x pre-shared, which copies "
+        f"{pre_copied} bytes"
+    )
     budget = 1.15 * xbytes + 300 * 2**20
-    print(f"total PSS parent+workers: pre-shared {pss_shared / 2**20:.0f} MiB, auto-shared "
-          f"{pss_auto / 2**20:.0f} MiB; budget 1.15 x size(x) + 300 MB = {budget / 2**20:.0f} MiB")
+    print(
+        f"total PSS parent+workers: pre-shared {pss_shared / 2**20:.0f} MiB, auto-shared "
+        f"{pss_auto / 2**20:.0f} MiB; budget 1.15 x size(x) + 300 MB = {budget / 2**20:.0f} MiB"
+    )
     print(f"warm call of {N_TASKS} empty tasks: {empty_t * 1e3:.1f} ms")
     print(f"bytes left in /dev/shm: {leftover}")
     if args.json:

@@ -19,9 +19,9 @@ from .errors import (
 )
 from .janitor import StaleSegment, cleanup_stale, find_stale
 from .pool import shutdown_all as shutdown_pools
-from .stdlib_patch import is_protected, protect, unprotect
 from .runner import parallel_map, prestart
 from .segments import live_segments
+from .stdlib_patch import is_protected, protect, unprotect
 
 __version__ = "0.1.0.dev0"
 

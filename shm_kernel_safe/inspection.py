@@ -128,6 +128,19 @@ def _placeholder(arr: np.ndarray, path: str) -> DanglingArray:
     return DanglingArray(arr.shape, arr.dtype, path, "unmapped (closed) while this array viewed it")
 
 
+def _format_path(path: tuple) -> str:
+    """Paths are built as cheap nested tuples and formatted only on a hit."""
+    parts: list[str] = []
+    while path:
+        path, key, kind = path
+        parts.append(
+            f".{key}"
+            if kind == "attr"
+            else (f"[{key!r}]" if kind == "key" else (f"[{key}]" if kind == "idx" else key))
+        )
+    return "".join(reversed(parts))
+
+
 class _Walker:
     def __init__(self, max_depth: int, max_objects: int) -> None:
         self.max_depth = max_depth
@@ -135,27 +148,27 @@ class _Walker:
         self.seen: set[int] = set()
         self.replaced: list[str] = []
 
-    def fix(self, obj: Any, path: str, depth: int) -> Any:
+    def fix(self, obj: Any, path: tuple, depth: int) -> Any:
         """``obj`` itself, or its placeholder; containers are fixed in place."""
-        kind = type(obj)
-        if kind in _ATOMIC:
-            return obj
         if isinstance(obj, np.ndarray):
-            if is_dangling(obj):
-                self.replaced.append(path)
-                return _placeholder(obj, path)
+            if obj.base is not None and is_dangling(obj):
+                name = _format_path(path)
+                self.replaced.append(name)
+                return _placeholder(obj, name)
             return obj
+        kind = type(obj)
         if depth >= self.max_depth or self.budget <= 0 or isinstance(obj, _OPAQUE):
             return obj
         if id(obj) in self.seen:
             return obj
         self.seen.add(id(obj))
         self.budget -= 1
+        depth += 1
         if kind is list:
             for i, item in enumerate(obj):
                 if type(item) in _ATOMIC:
                     continue
-                new = self.fix(item, f"{path}[{i}]", depth + 1)
+                new = self.fix(item, (path, i, "idx"), depth)
                 if new is not item:
                     obj[i] = new
                 if self.budget <= 0:
@@ -164,23 +177,30 @@ class _Walker:
             for key, item in list(obj.items()):
                 if type(item) in _ATOMIC:
                     continue
-                new = self.fix(item, f"{path}[{key!r}]", depth + 1)
+                new = self.fix(item, (path, key, "key"), depth)
                 if new is not item:
                     obj[key] = new
         elif isinstance(obj, tuple):
-            items = [self.fix(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
-            if any(a is not b for a, b in zip(items, obj, strict=True)):
+            changed = None
+            for i, item in enumerate(obj):
+                if type(item) in _ATOMIC:
+                    continue
+                new = self.fix(item, (path, i, "idx"), depth)
+                if new is not item:
+                    changed = changed or list(obj)
+                    changed[i] = new
+            if changed is not None:
                 try:
-                    return kind._make(items) if hasattr(kind, "_make") else kind(items)
+                    return kind._make(changed) if hasattr(kind, "_make") else kind(changed)
                 except Exception:
-                    return tuple(items)
+                    return tuple(changed)
         elif not (getattr(kind, "__module__", "") or "").startswith(_FRAMEWORK_PREFIXES):
             attrs = getattr(obj, "__dict__", None)
             if isinstance(attrs, dict):
                 for key, item in list(attrs.items()):
                     if type(item) in _ATOMIC:
                         continue
-                    new = self.fix(item, f"{path}.{key}", depth + 1)
+                    new = self.fix(item, (path, key, "attr"), depth)
                     if new is not item:
                         try:
                             setattr(obj, key, new)
@@ -202,7 +222,7 @@ def sanitize_namespace(
         for name, value in list(ns.items()):
             if type(value) in _ATOMIC:
                 continue
-            new = walker.fix(value, name, 0)
+            new = walker.fix(value, ((), name, "name"), 0)
             if new is not value:
                 ns[name] = new
         return walker.replaced
