@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import pool, stdlib_patch
+from .helpers import unhook_kernel_shutdown
 from .inspection import InspectionHooks
 from .magics import ShmMagics
 
@@ -43,6 +44,7 @@ def unload_ipython_extension(shell: Any) -> None:
     if state["we_protected"]:
         stdlib_patch.unprotect()
     pool.shutdown_all()
+    unhook_kernel_shutdown()
 
 
 def is_loaded(shell: Any) -> bool:

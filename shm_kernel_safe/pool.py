@@ -109,14 +109,22 @@ def make_context(start_method: str) -> multiprocessing.context.BaseContext:
 def _init_worker() -> None:
     """Runs once in each worker.
 
+    Ignores SIGINT (see below), and:
+
     loky restarts a worker whose RSS grew by 300 MB, taking it for a leak.
     Pages of shared segments count in RSS, so a worker that maps a 1.28 GB
     ``x`` would be recycled after its first task and lose its mappings: the
     opposite of a warm pool. Shared memory is not a leak; turn the check off.
     """
+    import signal
+
     from loky import process_executor
 
     process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
+    # A kernel interrupt signals the whole process group. Workers leave it
+    # to the parent, which cancels between items and kills what is stuck:
+    # one behaviour on every platform (on Windows workers never see it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def usable_cpus() -> int:
@@ -143,7 +151,10 @@ def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
                 initializer=_init_worker,
             )
         _pools[key] = pool
-        return pool
+    from .helpers import hook_kernel_shutdown
+
+    hook_kernel_shutdown()
+    return pool
 
 
 def _is_broken(pool: ProcessPoolExecutor) -> bool:
@@ -164,7 +175,7 @@ def discard(processes: int, start_method: str) -> None:
         _kill(pool)
 
 
-def _kill(pool: ProcessPoolExecutor) -> None:
+def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     """Kill the workers and wait (bounded) until loky has released its
     queues and semaphores, so nothing of the pool outlives this call."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
@@ -175,20 +186,30 @@ def _kill(pool: ProcessPoolExecutor) -> None:
             proc.kill()
     for proc in procs:
         with contextlib.suppress(Exception):
-            proc.join(timeout=2)
+            proc.join(timeout=min(2.0, join_timeout))
     manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
         with contextlib.suppress(Exception):
-            manager.join(timeout=5)
+            manager.join(timeout=join_timeout)
 
 
-def shutdown_all() -> None:
+def shutdown_all(join_timeout: float = 5.0) -> None:
     """Stop every warm pool (tests, ``%unload_ext``, interpreter exit)."""
     with _lock:
         pools = list(_pools.values())
         _pools.clear()
     for pool in pools:
-        _kill(pool)
+        _kill(pool, join_timeout)
+
+
+def _at_exit() -> None:
+    """Free segment names first (always safe, and instant), then stop pools
+    within a second: a process that lingers at exit may be killed, and then
+    no clean-up runs at all."""
+    from .segments import unlink_all_owned
+
+    unlink_all_owned()
+    shutdown_all(join_timeout=1.0)
 
 
 def pool_info() -> list[dict[str, Any]]:
@@ -199,4 +220,4 @@ def pool_info() -> list[dict[str, Any]]:
         ]
 
 
-atexit.register(shutdown_all)
+atexit.register(_at_exit)

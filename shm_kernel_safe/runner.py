@@ -28,6 +28,7 @@ from .arrays import SharedArray, empty, handle_of
 from .chunking import guided_chunks, min_chunk_for
 from .control import ControlBlock
 from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
+from .progress import make_progress
 from .segments import unlink_name
 from .worker import ChunkResult, ChunkTask, Payload, run_chunk
 
@@ -49,7 +50,7 @@ def parallel_map(
     timeout: float | None = None,
     share_threshold: int = sharing.DEFAULT_THRESHOLD,
     share: Iterable[Any] = (),
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | str | None = None,
 ) -> np.ndarray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
@@ -60,6 +61,10 @@ def parallel_map(
     :func:`~shm_kernel_safe.share`); a shared array that is writable here is
     writable in workers. Returns an ndarray when results are numbers or
     equal-shape arrays, else a list; never a view of shared memory.
+
+    ``progress`` is ``"auto"`` (a widget bar in Jupyter, a text bar
+    elsewhere), ``"widget"``, ``"text"``, or a callable ``(done, total)``
+    called from this process at most ten times a second.
 
     Raises :class:`TaskError` (item + remote traceback) when a task raises,
     :class:`WorkerDiedError` when a worker dies, :class:`ParallelTimeoutError`
@@ -72,15 +77,23 @@ def parallel_map(
     if n == 0:
         return []
     force = tuple(share)
-    _check_picklable(fn)
 
+    display = make_progress(progress) if isinstance(progress, str) else None
+    callback = display if display is not None or isinstance(progress, str) else progress
     call = _Call(
-        fn, seq, processes, start_method, chunksize, timeout, share_threshold, force, progress
+        fn, seq, processes, start_method, chunksize, timeout, share_threshold, force, callback
     )
     try:
-        return call.run()
+        result = call.run()
+    except BaseException as exc:
+        if display is not None:
+            display.close(error=exc)
+        raise
     finally:
         call.release()
+    if display is not None:
+        display.close()
+    return result
 
 
 # -- validation -----------------------------------------------------------------
@@ -115,16 +128,17 @@ def _as_sequence(items: Any) -> Any:
     return list(items)
 
 
-def _check_picklable(fn: Any) -> None:
-    """Fail before any process starts, naming the global that cannot travel."""
-    try:
-        cloudpickle.dumps(fn)
-        return
-    except Exception as exc:
-        culprit = _find_unpicklable_name(fn)
-        where = f" (it uses {culprit})" if culprit else ""
-        name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(f"cannot send {name} to worker processes{where}: {exc}") from exc
+def _unpicklable_error(fn: Any, exc: Exception) -> TypeError:
+    """The error for a function that cannot travel, naming the global at fault.
+
+    Raised from the payload pickling itself (which shares big arrays instead
+    of serialising them), before any process starts: a separate trial
+    ``cloudpickle.dumps(fn)`` would serialise a closed-over 1.28 GB array.
+    """
+    culprit = _find_unpicklable_name(fn)
+    where = f" (it uses {culprit})" if culprit else ""
+    name = getattr(fn, "__qualname__", repr(fn))
+    return TypeError(f"cannot send {name} to worker processes{where}: {exc}")
 
 
 def _find_unpicklable_name(fn: Any) -> str | None:
@@ -163,7 +177,10 @@ class _Call:
         self.fn = fn
         self.owned: list[str] = []
         self.out: np.ndarray | None = None
-        data, self.report = sharing.dumps(Payload(fn, seq), threshold, force)
+        try:
+            data, self.report = sharing.dumps(Payload(fn, seq), threshold, force)
+        except Exception as exc:
+            raise _unpicklable_error(fn, exc) from exc
         payload = empty(len(data), dtype=np.uint8)
         payload[:] = np.frombuffer(data, dtype=np.uint8)
         self.payload = _handle(payload, self.owned)

@@ -301,7 +301,7 @@ def segment_name_of_mapping(mapping: object) -> str | None:
 
 
 @atexit.register
-def _unlink_all_owned() -> None:
+def unlink_all_owned() -> None:
     """At exit, free every name this process still owns (never a parent's)."""
     for record in live_segments():
         if not record.unlinked:

@@ -52,7 +52,7 @@ def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None):
         finally:
             descendants = _descendants(kernel_pid)
             client.stop_channels()
-            km.shutdown_kernel(now=True)
+            km.shutdown_kernel(now=False)  # graceful, as frontends do: clean-up must run
             survivors = _wait_gone(descendants, 10)
             for proc in survivors:
                 with contextlib.suppress(Exception):

@@ -226,3 +226,38 @@ def test_kernel_interrupt_stops_cell_within_a_second():
         assert len(pids) <= 2
         execute(client, "sks.shutdown_pools()")
     assert shm_entries() == before
+
+
+def test_kernel_shutdown_with_warm_pool_is_quick_and_leaves_nothing():
+    """ipykernel kills its children at shutdown and waits until none is
+    listed; unreaped helpers (forkserver, resource tracker) used to keep it
+    waiting until the frontend killed it, with no clean-up at all."""
+    import os
+
+    from jupyter_client.manager import KernelManager
+
+    before = shm_entries()
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        res = execute(
+            client,
+            "%load_ext shm_kernel_safe\nimport numpy as np\n"
+            "x = np.ones(400_000)\n%shm_share x\nimport shm_kernel_safe as sks\n"
+            "print(sks.parallel_map(lambda i: float(x[i]), range(100)).sum())",
+        )
+        assert res["stdout"].strip().endswith("100.0"), res
+        assert shm_entries() - before  # the shared x exists while the kernel lives
+    finally:
+        kernel_pid = km.provisioner.process.pid
+        client.stop_channels()
+        t0 = time.monotonic()
+        km.shutdown_kernel(now=False)
+        took = time.monotonic() - t0
+    assert took < 2.0, f"shutdown took {took:.1f} s (the frontend kills after 2.5 s)"
+    assert shm_entries() == before
+    leftovers = [e for e in os.listdir("/dev/shm") if e.startswith(f"sem.loky-{kernel_pid}-")]
+    assert not leftovers, leftovers
