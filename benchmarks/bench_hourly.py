@@ -6,14 +6,17 @@ x is ROWS x 16 float64 (10,000,000 rows = 1.28 GB); 8760 tasks each read a
 block of x (sized so one task takes ~1 ms serially, or ~20 us in tiny mode)
 and produce one float. Every contender runs here, in the same process, on the
 same x, and is reported as a ratio: wall-clock times on a shared 2-core
-machine are noise, ratios measured side by side are not. Medians of
-``--repeats`` runs.
+machine are noise, ratios measured side by side are not. Contenders are
+interleaved: each round times every one once, in rotated order, so drift
+in the machine's load falls on all of them; medians over ``--repeats``
+rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -104,10 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--mode", choices=["ms", "tiny"], default="ms")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--skip-joblib", action="store_true")
     args = parser.parse_args()
     P, R = args.processes, args.repeats
     shm_before = shm_bytes()
@@ -130,164 +132,176 @@ def main() -> None:
         flush=True,
     )
 
-    rows: dict[str, float] = {}
-    ref = np.array([work(x, nn, k) for nn in range(N_TASKS)])
-    rows["serial loop"], _ = timed(lambda: [work(x, nn, k) for nn in range(N_TASKS)], R)
+    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
 
-    # memcpy of x, the unit of the sharing cost: what `x.copy()` costs a user
-    # (fresh pages, so page faults included, as for any new segment)
-    memcpy, _ = timed(lambda: x.copy(), R)
     from shm_kernel_safe import sharing
 
+    ref = np.array([work(x, nn, k) for nn in range(N_TASKS)])
+    results: dict[str, list[float]] = {}
+
+    def record(name: str, seconds: float) -> None:
+        results.setdefault(name, []).append(seconds)
+
+    # -- one-off measurements -----------------------------------------------
+    memcpy, _ = timed(lambda: x.copy(), R)  # what `x.copy()` costs a user
+
     def share_once():
-        _, rep = sharing.dumps(lambda nn: work(x, nn, k))
+        _, rep = sharing.dumps(functools.partial(work, x, k=k))
         sharing.release(rep)
 
     share_cost, _ = timed(share_once, R)
 
-    # floor: two forked processes, fixed halves, shared output, no messages
-    def floor():
-        out = sks.zeros(N_TASKS)
-        ctx = mp.get_context("fork")
-        half = N_TASKS // P
-        bounds = [(i * half, N_TASKS if i == P - 1 else (i + 1) * half) for i in range(P)]
-        procs = [ctx.Process(target=floor_half, args=(x, out, lo, hi, k)) for lo, hi in bounds]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        return np.array(out)
-
-    rows["floor: forked halves, no messages"], y = timed(floor, R)
-    assert np.allclose(y, ref)
-
-    # stdlib Pool, the original question: attach per task
-    shm = shared_memory.SharedMemory(create=True, size=x.nbytes)
-    xs = np.ndarray(x.shape, dtype=x.dtype, buffer=shm.buf)
-    xs[:] = x
-    ctx = mp.get_context()
-    with ctx.Pool(P) as pool:
-
-        def per_task():
-            tasks = [(shm.name, x.shape, nn, k) for nn in range(N_TASKS)]
-            return pool.map(task_attach_per_task, tasks)
-
-        rows["stdlib Pool, attach per task (the question)"], y = timed(per_task, R)
-    assert np.allclose(y, ref)
-    with ctx.Pool(P, initializer=init_attach_once, initargs=(shm.name, x.shape)) as pool:
-
-        def once():
-            return pool.map(task_attached, [(nn, k) for nn in range(N_TASKS)])
-
-        rows["stdlib Pool, attach once per worker"], y = timed(once, R)
-    assert np.allclose(y, ref)
-    xs = None
-    shm.close()
-    shm.unlink()
-
-    if not args.skip_joblib:
-        from joblib import Parallel, delayed
-
-        def jl():
-            return Parallel(n_jobs=P)(delayed(work)(x, nn, k) for nn in range(N_TASKS))
-
-        t0 = time.perf_counter()
-        y = jl()
-        rows["joblib (loky, auto-memmap) cold"] = time.perf_counter() - t0
-        rows["joblib (loky, auto-memmap) warm"], y = timed(jl, R)
-        assert np.allclose(y, ref)
-        from joblib.externals.loky import get_reusable_executor
-
-        get_reusable_executor().shutdown(wait=True, kill_workers=True)
-
-    # parallel_map, automatic sharing of x (one copy per call)
-    sks.shutdown_pools()
+    def jl():
+        return Parallel(n_jobs=P)(delayed(work)(x, nn, k) for nn in range(N_TASKS))
 
     def pm():
-        return sks.parallel_map(lambda nn: work(x, nn, k), range(N_TASKS), processes=P)
+        return sks.parallel_map(functools.partial(work, x, k=k), range(N_TASKS), processes=P)
 
     t0 = time.perf_counter()
-    y = pm()
-    rows["parallel_map cold (pool start included)"] = time.perf_counter() - t0
-    assert np.allclose(y, ref)
-    rows["parallel_map warm, x auto-shared per call"], y = timed(pm, R)
-    pss_auto = pss_of_tree()
+    assert np.allclose(jl(), ref)
+    cold = {"joblib (loky, auto-memmap) cold": time.perf_counter() - t0}
+    sks.shutdown_pools()
+    t0 = time.perf_counter()
+    assert np.allclose(pm(), ref)
+    cold["parallel_map cold (pool start included)"] = time.perf_counter() - t0
 
-    # parallel_map with x already in shared memory: zero copy
-    xs = sks.share(x).view()
-    xbytes = x.nbytes
-    x = None  # only the shared copy remains, as after %shm_share x
-    gc.collect()
+    # -- contenders, interleaved round by round -----------------------------
+    shm = shared_memory.SharedMemory(create=True, size=x.nbytes)
+    x_stdlib = np.ndarray(x.shape, dtype=x.dtype, buffer=shm.buf)
+    x_stdlib[:] = x
+    x_shared = sks.share(x).view()
+    ctx = mp.get_context()
+    pool_per_task = ctx.Pool(P)
+    pool_once = ctx.Pool(P, initializer=init_attach_once, initargs=(shm.name, x.shape))
 
-    def pm_shared():
-        return sks.parallel_map(lambda nn: work(xs, nn, k), range(N_TASKS), processes=P)
+    def floor():
+        out = sks.zeros(N_TASKS)
+        fork = mp.get_context("fork")
+        half = N_TASKS // P
+        bounds = [(i * half, N_TASKS if i == P - 1 else (i + 1) * half) for i in range(P)]
+        procs = [fork.Process(target=floor_half, args=(x, out, lo, hi, k)) for lo, hi in bounds]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        return np.array(out)
 
-    pm_shared()
-    rows["parallel_map warm, x pre-shared (zero copy)"], y = timed(pm_shared, R)
-    assert np.allclose(y, ref)
+    contenders = {
+        "serial loop": lambda: [work(x, nn, k) for nn in range(N_TASKS)],
+        "floor: forked halves, no messages": floor,
+        "stdlib Pool, attach per task (the question)": lambda: pool_per_task.map(
+            task_attach_per_task, [(shm.name, x.shape, nn, k) for nn in range(N_TASKS)]
+        ),
+        "stdlib Pool, attach once per worker": lambda: pool_once.map(
+            task_attached, [(nn, k) for nn in range(N_TASKS)]
+        ),
+        "joblib (loky, auto-memmap) warm": jl,
+        "parallel_map warm, x auto-shared per call": pm,
+        "parallel_map warm, x pre-shared (zero copy)": lambda: sks.parallel_map(
+            functools.partial(work, x_shared, k=k), range(N_TASKS), processes=P
+        ),
+    }
+    names = list(contenders)
+    for name in names:  # warm every pool once, and check every answer
+        assert np.allclose(contenders[name](), ref), name
+    for rnd in range(R):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate
+        for name in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            contenders[name]()
+            record(name, time.perf_counter() - t0)
+    pool_per_task.terminate()
+    pool_once.terminate()
+    x_stdlib = None
+    shm.close()
+    shm.unlink()
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)
+
+    # -- memory: only our pool alive, x only in shared memory ------------------
+    x = None
+    sks.parallel_map(functools.partial(work, x_shared, k=k), range(N_TASKS), processes=P)
     pss_shared = pss_of_tree()
-    _, report = sharing.dumps(lambda nn: work(xs, nn, k))
+    xbytes = x_shared.nbytes
+    _, report = sharing.dumps(functools.partial(work, x_shared, k=k))
     pre_copied = report.copied_bytes
-    del report  # it holds the handle, hence the segment
-
-    # empty tasks, warm
+    report = None  # it holds the handle, hence the segment
     empty_t, _ = timed(lambda: sks.parallel_map(int, range(N_TASKS), processes=P), max(R, 5))
-    xs = None
+    x_shared = None
+    contenders = None
     sks.shutdown_pools()
     gc.collect()
     time.sleep(0.5)
     leftover = shm_bytes() - shm_before
 
-    serial = rows["serial loop"]
-    floor_t = rows["floor: forked halves, no messages"]
+    times = {name: statistics.median(v) for name, v in results.items()}
+    times.update(cold)
+    serial = times["serial loop"]
+    floor_t = times["floor: forked halves, no messages"]
     print(f"\n{'contender':48s} {'median s':>9s} {'speed-up':>9s} {'of floor':>9s}")
-    for name, t in rows.items():
+    for name in [
+        *names[:5],
+        "joblib (loky, auto-memmap) cold",
+        "parallel_map cold (pool start included)",
+        *names[5:],
+    ]:
+        t = times[name]
         print(f"{name:48s} {t:9.3f} {serial / t:8.2f}x {floor_t / t:8.2f}")
-    out = {"rows": args.rows, "mode": args.mode, "k": k, "times": rows}
+    jw = times["joblib (loky, auto-memmap) warm"]
+    pw = times["parallel_map warm, x auto-shared per call"]
+    ps = times["parallel_map warm, x pre-shared (zero copy)"]
+    out = {
+        "rows": args.rows,
+        "mode": args.mode,
+        "k": k,
+        "repeats": R,
+        "times": times,
+        "all_times": results,
+    }
     print()
-    if "joblib (loky, auto-memmap) warm" in rows:
-        jw = rows["joblib (loky, auto-memmap) warm"]
-        pw = rows["parallel_map warm, x auto-shared per call"]
-        out["vs_joblib_warm"] = jw / pw
-        print(f"parallel_map warm vs joblib warm: {jw / pw:.2f}x faster")
-        if args.mode == "tiny":
-            ov_j = (jw - serial / P) / N_TASKS
-            ov_p = (pw - serial / P) / N_TASKS
-            out["overhead_us"] = {"joblib": ov_j * 1e6, "parallel_map": ov_p * 1e6}
-            print(
-                f"per-task overhead (wall - serial/{P})/N: parallel_map {ov_p * 1e6:.1f} us, "
-                f"joblib {ov_j * 1e6:.1f} us (ratio {ov_p / ov_j:.2f})"
-            )
-    pw = rows["parallel_map warm, x auto-shared per call"]
-    ps = rows["parallel_map warm, x pre-shared (zero copy)"]
+    print(
+        f"parallel_map warm vs joblib warm: {jw / pw:.2f}x (auto-shared), "
+        f"{jw / ps:.2f}x (pre-shared)"
+    )
+    ov_j = (jw - serial / P) / N_TASKS
+    ov_a = (pw - serial / P) / N_TASKS
+    ov_s = (ps - serial / P) / N_TASKS
+    print(
+        f"per-task overhead (wall - serial/{P})/N: parallel_map {ov_a * 1e6:.1f} us "
+        f"(auto-shared), {ov_s * 1e6:.1f} us (pre-shared); joblib {ov_j * 1e6:.1f} us"
+    )
+    budget = 1.15 * xbytes + 300 * 2**20
     out.update(
+        vs_joblib_warm=jw / pw,
+        vs_joblib_warm_preshared=jw / ps,
+        overhead_us={
+            "joblib": ov_j * 1e6,
+            "parallel_map": ov_a * 1e6,
+            "parallel_map_preshared": ov_s * 1e6,
+        },
         floor_ratio_warm=floor_t / ps,
         floor_ratio_warm_auto=floor_t / pw,
-        floor_ratio_cold=rows["parallel_map cold (pool start included)"] / floor_t,
+        floor_ratio_cold=times["parallel_map cold (pool start included)"] / floor_t,
         sharing_cost_memcpy=share_cost / memcpy,
         memcpy_s=memcpy,
-        call_delta_memcpy=(pw - ps) / memcpy,
-        pss_auto_mb=pss_auto / 2**20,
         pss_shared_mb=pss_shared / 2**20,
-        pss_budget_mb=(1.15 * xbytes + 300 * 2**20) / 2**20,
+        pss_budget_mb=budget / 2**20,
         empty_8760_ms=empty_t * 1e3,
         pre_shared_copied_bytes=pre_copied,
         dev_shm_left_bytes=leftover,
     )
     print(
-        f"warm parallel_map (pre-shared x) at {floor_t / ps:.2f} of the floor's speed; "
-        f"auto-shared at {floor_t / pw:.2f}; cold takes {out['floor_ratio_cold']:.2f}x the floor"
+        f"warm parallel_map at {floor_t / ps:.2f} of the floor's speed (x pre-shared), "
+        f"{floor_t / pw:.2f} (auto-shared); cold takes {out['floor_ratio_cold']:.2f}x the floor"
     )
     print(
-        f"sharing x automatically costs {share_cost / memcpy:.2f} memcpy of x "
-        f"(x.copy() takes {memcpy * 1e3:.0f} ms); a warm call with auto-sharing takes "
-        f"{(pw - ps) / memcpy:.2f} memcpy longer than with x pre-shared, which copies "
-        f"{pre_copied} bytes"
+        f"sharing x costs {share_cost / memcpy:.2f} memcpy of x (x.copy() takes "
+        f"{memcpy * 1e3:.0f} ms); with x pre-shared a call copies {pre_copied} bytes"
     )
-    budget = 1.15 * xbytes + 300 * 2**20
     print(
-        f"total PSS parent+workers: pre-shared {pss_shared / 2**20:.0f} MiB, auto-shared "
-        f"{pss_auto / 2**20:.0f} MiB; budget 1.15 x size(x) + 300 MB = {budget / 2**20:.0f} MiB"
+        f"total PSS parent+workers, x in shared memory: {pss_shared / 2**20:.0f} MiB; "
+        f"budget 1.15 x size(x) + 300 MB = {budget / 2**20:.0f} MiB"
     )
     print(f"warm call of {N_TASKS} empty tasks: {empty_t * 1e3:.1f} ms")
     print(f"bytes left in /dev/shm: {leftover}")

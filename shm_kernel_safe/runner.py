@@ -29,7 +29,7 @@ from .chunking import guided_chunks, min_chunk_for
 from .control import ControlBlock
 from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
 from .progress import make_progress
-from .segments import unlink_name
+from .segments import live_segments, unlink_name
 from .worker import ChunkResult, ChunkTask, Payload, run_chunk
 
 ProgressCallback = Callable[[int, int], None]
@@ -178,7 +178,8 @@ class _Call:
         self.owned: list[str] = []
         self.out: np.ndarray | None = None
         try:
-            data, self.report = sharing.dumps(Payload(fn, seq), threshold, force)
+            keep = frozenset(r.name for r in live_segments() if not r.unlinked)
+            data, self.report = sharing.dumps(Payload(fn, seq, keep), threshold, force)
         except Exception as exc:
             raise _unpicklable_error(fn, exc) from exc
         payload = empty(len(data), dtype=np.uint8)

@@ -26,6 +26,9 @@ class Payload:
 
     fn: Any
     items: Any  # a sequence supporting len() and []
+    # Segments the parent still holds under a name: workers keep them mapped
+    # even when this call does not use them (the next call likely will).
+    keep: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ def _payload_for(task: ChunkTask) -> Payload:
         names |= {task.payload.name, task.control.name}
         if task.out is not None:
             names.add(task.out.name)
-        # Keep mapped what this call uses; forget segments of earlier calls.
-        arrays.release_attached(keep=names)
+        # Keep mapped what this call uses and what the parent still holds;
+        # forget segments of earlier calls that are gone (auto-shared copies).
+        arrays.release_attached(keep=names | payload.keep)
         _current.update(call_id=task.call_id, payload=payload, names=frozenset(names))
     return _current["payload"]
 

@@ -212,3 +212,32 @@ def test_workers_touching_big_shared_arrays_are_not_recycled():
         time.sleep(1.1)  # loky checks memory at most once a second
         out += sks.parallel_map(touch, range(4), processes=2)
         assert {pid for pid, _ in out} <= pool_pids
+
+
+def test_workers_keep_segments_the_parent_still_holds():
+    """A call that does not use the shared x must not make workers drop it
+    (re-mapping 1.28 GB costs a page fault per 4 KiB on the next call)."""
+    x = sks.zeros(300_000)
+    other = np.ones(200_000)  # auto-shared per call, then gone
+    name = sks.handle_of(x).name
+
+    def names(i):
+        from shm_kernel_safe import arrays as a
+
+        return tuple(sorted(a.attached_names()))
+
+    from shm_kernel_safe.segments import live_segments
+
+    sks.prestart(2)
+    sks.parallel_map(lambda i: float(x[i]), range(50), processes=2)
+    with_other = sks.parallel_map(lambda i: (names(i), float(other[i]))[0], range(50), processes=2)
+    assert all(name in n for n in with_other)  # x stays mapped though unused
+    after = sks.parallel_map(lambda i: names(i), range(50), processes=2)
+    assert all(name in n for n in after)
+    live = {r.name for r in live_segments() if not r.unlinked}
+    # Beyond live segments, workers map only the current call's own
+    # segments; in the call that used `other`, its auto-shared copy too.
+    # The next call has dropped it.
+    extra_with = min(len(set(n) - live) for n in with_other)
+    extra_after = max(len(set(n) - live) for n in after)
+    assert extra_after < extra_with, (with_other[0], after[0], live)

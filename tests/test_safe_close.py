@@ -215,3 +215,10 @@ def pickle_loads(data):
 def test_object_arrays_refused():
     with pytest.raises(TypeError, match="object"):
         sks.share(np.array([object()]))
+
+
+def test_segments_are_private_to_this_user():
+    arr = sks.empty(100)
+    name = sks.handle_of(arr).name
+    mode = os.stat(f"/dev/shm/{name}").st_mode & 0o777
+    assert mode == 0o600, oct(mode)
