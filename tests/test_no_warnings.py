@@ -15,7 +15,7 @@ from .helpers import shm_entries
 
 pytestmark = pytest.mark.timeout(180)
 
-SESSION = """
+SESSION = r"""
 %load_ext shm_kernel_safe
 import numpy as np
 import shm_kernel_safe as sks
