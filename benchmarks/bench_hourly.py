@@ -10,6 +10,12 @@ machine are noise, ratios measured side by side are not. Contenders are
 interleaved: each round times every one once, in rotated order, so drift
 in the machine's load falls on all of them; medians over ``--repeats``
 rounds.
+
+The parent starts in glibc's steady malloc state (see
+``shm_kernel_safe/_malloc.py``), as a long-running kernel is: otherwise its
+speed, and that of every pool forked from it, would depend on whether some
+earlier contender (joblib, say) happened to free a large buffer first.
+Workers of joblib/loky start cold, as they do for users.
 """
 
 from __future__ import annotations
@@ -113,6 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     P, R = args.processes, args.repeats
     shm_before = shm_bytes()
+    from shm_kernel_safe._malloc import tune_malloc
+
+    tune_malloc()
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, 16))

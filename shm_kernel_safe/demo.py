@@ -66,26 +66,21 @@ def _workload(args: argparse.Namespace) -> bool:
     serial = time.perf_counter() - t0
     print(f"   serial loop:            {serial:6.2f} s")
 
-    t0 = time.perf_counter()
-    y = sks.parallel_map(
-        lambda nn: hourly_calc(x, nn, rows_per_hour),
-        range(N_HOURS),
-        processes=args.processes,
-        start_method=args.start_method,
-    )
-    cold = time.perf_counter() - t0
-    print(f"   parallel_map (cold):    {cold:6.2f} s  speed-up {serial / cold:4.2f}x")
+    def run(data: np.ndarray, label: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        result = sks.parallel_map(
+            lambda nn: hourly_calc(data, nn, rows_per_hour),
+            range(N_HOURS),
+            processes=args.processes,
+            start_method=args.start_method,
+        )
+        took = time.perf_counter() - t0
+        print(f"   parallel_map ({label}): {took:6.2f} s  speed-up {serial / took:4.2f}x")
+        return result
 
+    y = run(x, "cold, x copied to shared memory")
     x_shared = sks.share(x).view()  # what %shm_share x does: one copy, then zero
-    t0 = time.perf_counter()
-    y_warm = sks.parallel_map(
-        lambda nn: hourly_calc(x_shared, nn, rows_per_hour),
-        range(N_HOURS),
-        processes=args.processes,
-        start_method=args.start_method,
-    )
-    warm = time.perf_counter() - t0
-    print(f"   parallel_map (warm, x shared once): {warm:6.2f} s  speed-up {serial / warm:4.2f}x")
+    y_warm = run(x_shared, "warm, x shared once")
     agree = np.allclose(y, y_serial) and np.allclose(y_warm, y_serial)
     print(f"   results agree with the serial loop: {agree}")
 

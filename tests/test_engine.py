@@ -241,3 +241,16 @@ def test_workers_keep_segments_the_parent_still_holds():
     extra_with = min(len(set(n) - live) for n in with_other)
     extra_after = max(len(set(n) - live) for n in after)
     assert extra_after < extra_with, (with_other[0], after[0], live)
+
+
+def test_workers_start_in_steady_malloc_state(monkeypatch):
+    from shm_kernel_safe import _malloc
+
+    sks.shutdown_pools()
+    tuned = sks.parallel_map(
+        lambda i: __import__("shm_kernel_safe._malloc")._malloc.TUNED, range(4), processes=2
+    )
+    assert all(tuned)
+    sks.shutdown_pools()
+    monkeypatch.setenv("SHM_KERNEL_SAFE_MALLOC_TUNING", "0")
+    assert _malloc.tune_malloc() is False  # the opt-out is honoured
