@@ -16,7 +16,7 @@ HOURS = 8760
 x = np.random.default_rng(2026).standard_normal((ROWS, 16))
 
 
-def hourly_calc(x, nn, rows_per_hour=ROWS // 400):
+def hourly_calc(x, nn, rows_per_hour=ROWS // 80):
     start = (nn * (x.shape[0] - rows_per_hour)) // (HOURS - 1)
     block = x[start:start + rows_per_hour]
     return float(np.sqrt(np.abs(block)).sum())

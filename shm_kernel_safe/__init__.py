@@ -7,6 +7,7 @@ The library works without IPython: :func:`share`, :func:`empty`,
 
 from __future__ import annotations
 
+from ._malloc import tune_malloc
 from .arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .errors import (
     DanglingArrayError,
@@ -62,6 +63,7 @@ __all__ = [
     "protect",
     "share",
     "shutdown_pools",
+    "tune_malloc",
     "unprotect",
     "zeros",
 ]

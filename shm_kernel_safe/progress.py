@@ -117,7 +117,12 @@ class WidgetProgress(_Progress):
         import ipywidgets as widgets  # imported here: optional at run time
 
         self.bar = widgets.IntProgress(
-            min=0, max=1, value=0, bar_style="info", description="shm_parallel"
+            min=0,
+            max=1,
+            value=0,
+            bar_style="info",
+            description="shm_parallel",
+            style={"description_width": "initial"},
         )
         self.label = widgets.HTML(value="")
         self.box = widgets.HBox([self.bar, self.label])

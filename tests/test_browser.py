@@ -51,6 +51,7 @@ def jupyterlab(tmp_path):
             f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={tmp_path}",
             "--ServerApp.open_browser=False",
+            "--allow-root",  # CI runs as root
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ],
@@ -108,18 +109,18 @@ def test_progress_widget_renders_in_jupyterlab(jupyterlab):
             )
             page.click("text=Run", timeout=30_000)
             page.click("text=Run All Cells", timeout=30_000)
-            bar = page.wait_for_selector(".widget-progress .progress-bar", timeout=240_000)
+            bar = page.wait_for_selector(".widget-hprogress .progress-bar", timeout=240_000)
             page.wait_for_function(
-                "() => { const b = document.querySelector('.widget-progress .progress-bar');"
+                "() => { const b = document.querySelector('.widget-hprogress .progress-bar');"
                 " return b && b.classList.contains('progress-bar-success'); }",
                 timeout=240_000,
             )
             assert "100" in (bar.get_attribute("style") or "")
             assert page.locator("text=Error displaying widget").count() == 0
             page.wait_for_selector("text=results agree", timeout=240_000)
-            widget = page.locator(".widget-hbox").first
-            widget.scroll_into_view_if_needed()
+            cell = page.locator(".jp-Cell", has=page.locator(".widget-hprogress")).first
+            cell.scroll_into_view_if_needed()
             SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT))
+            cell.screenshot(path=str(SCREENSHOT))
         finally:
             browser.close()
