@@ -19,6 +19,12 @@ import shm_kernel_safe as sks
 
 method, mode, log = sys.argv[1], sys.argv[2], sys.argv[3]
 
+
+def mine():
+    from shm_kernel_safe.naming import parse_name
+    return [e for e in os.listdir("/dev/shm")
+            if (p := parse_name(e)) is not None and p.pid == os.getpid()]
+
 def task(i):
     if mode == "stuck":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to Ctrl-C, and busy for long
@@ -54,7 +60,7 @@ again = float(sks.parallel_map(lambda i: i, range(10), processes=2, start_method
 print(json.dumps({"outcome": outcome, "latency": latency,
                   "last_activity": max(stamps) - sent["t"], "n_alive": len(alive),
                   "again": again,
-                  "shm": [e for e in os.listdir("/dev/shm") if e.startswith("sks")]}))
+                  "shm": mine()}))
 """
 
 
