@@ -18,7 +18,36 @@ ORDER = [
     "parallel_map cold (pool start included)",
     "parallel_map warm, x auto-shared per call",
     "parallel_map warm, x pre-shared (zero copy)",
+    "parallel_map warm, x pre-shared, text progress bar",
 ]
+
+
+def cell(run: dict, name: str) -> str:
+    times = run["times"]
+    if name not in times:
+        return "(not measured)"
+    t = times[name]
+    serial = times["serial loop"]
+    floor = times["floor: forked halves, no messages"]
+    return f"{t:.2f} s ({serial / t:.2f}x serial, {floor / t:.2f} of floor)"
+
+
+def summary(run: dict) -> str:
+    ov = run["overhead_us"]
+    parts = [
+        f"warm parallel_map vs warm joblib {run['vs_joblib_warm']:.2f}x (auto-shared) / "
+        f"{run['vs_joblib_warm_preshared']:.2f}x (pre-shared)",
+        f"per-task overhead {ov['parallel_map']:.1f} us (auto-shared), "
+        f"{ov['parallel_map_preshared']:.1f} us (pre-shared) vs joblib {ov['joblib']:.1f} us",
+        f"sharing x costs {run['sharing_cost_memcpy']:.2f} memcpy",
+        f"total PSS with x shared {run['pss_shared_mb']:.0f} MiB "
+        f"(budget {run['pss_budget_mb']:.0f} MiB)",
+        f"8760 empty tasks {run['empty_8760_ms']:.1f} ms",
+        f"{run['dev_shm_left_bytes']} bytes left in /dev/shm",
+    ]
+    if "progress_cost_pct" in run:
+        parts.append(f"a live progress bar {run['progress_cost_pct']:+.1f}% of run time")
+    return "; ".join(parts)
 
 
 def main(paths: list[str]) -> None:
@@ -32,25 +61,10 @@ def main(paths: list[str]) -> None:
     print("| contender | " + " | ".join(heads) + " |")
     print("| --- |" + " --- |" * len(runs))
     for name in ORDER:
-        cells = []
-        for r in runs:
-            t = r["times"][name]
-            serial = r["times"]["serial loop"]
-            floor = r["times"]["floor: forked halves, no messages"]
-            cells.append(f"{t:.2f} s ({serial / t:.2f}x serial, {floor / t:.2f} of floor)")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cell(r, name) for r in runs) + " |")
     print()
-    for r, head in zip(runs, heads, strict=True):
-        ov = r["overhead_us"]
-        print(
-            f"* {head}: warm parallel_map vs warm joblib {r['vs_joblib_warm']:.2f}x "
-            f"(auto-shared) / {r['vs_joblib_warm_preshared']:.2f}x (pre-shared); per-task "
-            f"overhead {ov['parallel_map']:.1f} us (auto-shared), "
-            f"{ov['parallel_map_preshared']:.1f} us (pre-shared) vs joblib {ov['joblib']:.1f} us; "
-            f"sharing x costs {r['sharing_cost_memcpy']:.2f} memcpy; total PSS with x shared "
-            f"{r['pss_shared_mb']:.0f} MiB (budget {r['pss_budget_mb']:.0f} MiB); 8760 empty "
-            f"tasks {r['empty_8760_ms']:.1f} ms; {r['dev_shm_left_bytes']} bytes left in /dev/shm"
-        )
+    for run, head in zip(runs, heads, strict=True):
+        print(f"* {head}: {summary(run)}")
 
 
 if __name__ == "__main__":

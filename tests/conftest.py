@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from .helpers import SHM_DIR, shm_entries
+from .helpers import SHM_DIR, foreign_owners, shm_entries
 
 # Long-lived helpers that multiprocessing / loky start once per parent and
 # that die with it; they are not leaks of a test.
@@ -36,10 +36,11 @@ def worker_children() -> list[psutil.Process]:
 def no_leaked_segments():
     """Fail a test that leaves one of our segments in /dev/shm."""
     before = shm_entries()
+    foreign = foreign_owners()
     yield
     gc.collect()
     deadline = time.monotonic() + 5
-    while (leaked := shm_entries() - before) and time.monotonic() < deadline:
+    while (leaked := _ours(shm_entries() - before, foreign)) and time.monotonic() < deadline:
         time.sleep(0.05)
         gc.collect()
     assert not leaked, f"segments left in {SHM_DIR}: {sorted(leaked)}"
@@ -56,3 +57,11 @@ def no_orphans():
     while (alive := worker_children()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+
+
+def _ours(entries: set[str], foreign: set[int]) -> set[str]:
+    """Drop segments of processes that were unrelated and alive at the start
+    (they may die during the test; their segments are not the test's)."""
+    from shm_kernel_safe.naming import parse_name
+
+    return {e for e in entries if (p := parse_name(e)) is None or p.pid not in foreign}

@@ -31,6 +31,25 @@ def shm_entries() -> set[str]:
     return out
 
 
+def foreign_owners() -> set[int]:
+    """Owners of our-format segments that are alive and not this process or
+    its descendants: another session's kernel, a benchmark running alongside."""
+    import psutil
+
+    from shm_kernel_safe.naming import parse_name
+
+    if not os.path.isdir(SHM_DIR):
+        return set()
+    me = psutil.Process()
+    mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    owners = set()
+    for entry in os.listdir(SHM_DIR):
+        parsed = parse_name(entry)
+        if parsed is not None and parsed.pid not in mine and psutil.pid_exists(parsed.pid):
+            owners.add(parsed.pid)
+    return owners
+
+
 def run_python(
     code: str, *args: str, timeout: float = 60, env: dict | None = None, cwd: str | None = None
 ) -> subprocess.CompletedProcess:

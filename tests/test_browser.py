@@ -8,6 +8,7 @@ drives the system Chromium: no browser download.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -77,6 +78,8 @@ def jupyterlab(tmp_path):
         yield base, token
     finally:
         proc.terminate()
+        with contextlib.suppress(Exception):
+            print("jupyter lab log (tail):", proc.stdout.read()[-4000:])
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -104,6 +107,13 @@ def test_progress_widget_renders_in_jupyterlab(jupyterlab):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{base}/lab/tree/weather_hours.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
+            # A fresh JupyterLab may ask which kernel to start: accept its choice,
+            # as a first-time user would.
+            try:
+                page.wait_for_selector(".jp-Dialog", timeout=10_000)
+                page.click(".jp-Dialog .jp-mod-accept")
+            except sync_api.TimeoutError:
+                pass
             page.wait_for_selector(
                 ".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000
             )
@@ -122,5 +132,12 @@ def test_progress_widget_renders_in_jupyterlab(jupyterlab):
             cell.scroll_into_view_if_needed()
             SCREENSHOT.parent.mkdir(exist_ok=True)
             cell.screenshot(path=str(SCREENSHOT))
+        except Exception:
+            # What the page showed, for whoever reads the CI log.
+            failure = ROOT / "docs" / "browser_failure.png"
+            failure.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(failure), full_page=True)
+            print("page text at failure:", page.inner_text("body")[-3000:])
+            raise
         finally:
             browser.close()
