@@ -224,22 +224,24 @@ def test_workers_keep_segments_the_parent_still_holds():
     def names(i):
         from shm_kernel_safe import arrays as a
 
-        return tuple(sorted(a.attached_names()))
+        return os.getpid(), tuple(sorted(a.attached_names()))
 
     from shm_kernel_safe.segments import live_segments
 
     sks.prestart(2)
-    sks.parallel_map(lambda i: float(x[i]), range(50), processes=2)
+    first = sks.parallel_map(lambda i: (names(i), float(x[i]))[0], range(50), processes=2)
+    had_x = {pid for pid, n in first if name in n}  # workers that attached x
+    assert had_x
     with_other = sks.parallel_map(lambda i: (names(i), float(other[i]))[0], range(50), processes=2)
-    assert all(name in n for n in with_other)  # x stays mapped though unused
+    assert all(name in n for pid, n in with_other if pid in had_x)  # kept though unused
     after = sks.parallel_map(lambda i: names(i), range(50), processes=2)
-    assert all(name in n for n in after)
+    assert all(name in n for pid, n in after if pid in had_x)
     live = {r.name for r in live_segments() if not r.unlinked}
     # Beyond live segments, workers map only the current call's own
     # segments; in the call that used `other`, its auto-shared copy too.
     # The next call has dropped it.
-    extra_with = min(len(set(n) - live) for n in with_other)
-    extra_after = max(len(set(n) - live) for n in after)
+    extra_with = min(len(set(n) - live) for _, n in with_other)
+    extra_after = max(len(set(n) - live) for _, n in after)
     assert extra_after < extra_with, (with_other[0], after[0], live)
 
 
