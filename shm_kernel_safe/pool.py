@@ -182,6 +182,9 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     """Kill the workers and wait (bounded) until loky has released its
     queues and semaphores, so nothing of the pool outlives this call."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
+    # Taken before shutdown(), which forgets it; joining it is what waits for
+    # loky to release its queues and their named semaphores.
+    manager = getattr(pool, "_executor_manager_thread", None)
     with contextlib.suppress(Exception):
         pool.shutdown(wait=False, kill_workers=True)
     for proc in procs:
@@ -190,7 +193,6 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.join(timeout=min(2.0, join_timeout))
-    manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
         with contextlib.suppress(Exception):
             manager.join(timeout=join_timeout)

@@ -4,6 +4,7 @@ found them, and nothing may hang (pytest-timeout is set in pyproject)."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 
@@ -57,6 +58,9 @@ def no_orphans():
     while (alive := worker_children()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+    # loky's named semaphores must be gone once shutdown_all() has returned
+    sems = [e for e in os.listdir(SHM_DIR) if e.startswith(f"sem.loky-{os.getpid()}-")]
+    assert not sems, f"semaphores left in {SHM_DIR}: {sems}"
 
 
 def _ours(entries: set[str], foreign: set[int]) -> set[str]:
