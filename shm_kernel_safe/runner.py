@@ -303,9 +303,10 @@ class _Call:
 
     def _stop(self, pending: set[cf.Future], kill: bool) -> None:
         """Cancel what is queued, let running chunks stop, kill them if stuck."""
+        # No Future.cancel(): if the pool is then killed, loky's manager thread
+        # fails every pending future and dies on one already cancelled, leaving
+        # its semaphores behind. Queued chunks see the flag and return at once.
         self.ctrl.cancel()
-        for fut in pending:
-            fut.cancel()
         if not kill:
             deadline = time.monotonic() + CANCEL_GRACE
             while self.ctrl.running() and time.monotonic() < deadline:
