@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     agree = _workload(args)
     sks.shutdown_pools()
-    left = (
-        ({e for e in os.listdir("/dev/shm")} - shm_before) if os.path.isdir("/dev/shm") else set()
-    )
+    left: set[str] = set()
+    if os.path.isdir("/dev/shm"):  # only what this process made: others may be running
+        left = {e for e in set(os.listdir("/dev/shm")) - shm_before if _made_here(e)}
     print(f"3. left in /dev/shm: {sorted(left) if left else 'nothing'}")
     return 0 if agree and not left else 1

@@ -16,7 +16,6 @@ from .helpers import unhook_kernel_shutdown
 from .inspection import InspectionHooks
 from .magics import ShmMagics
 
-_MAGIC_NAMES = {"cell": ["shm_parallel"], "line": ["shm_share", "shm_status", "shm_cleanup"]}
 _state: dict[int, dict[str, Any]] = {}
 
 
@@ -37,7 +36,7 @@ def unload_ipython_extension(shell: Any) -> None:
         return
     state["hooks"].uninstall()
     magics = shell.magics_manager.magics
-    for kind, names in _MAGIC_NAMES.items():
+    for kind, names in ShmMagics.magics.items():  # filled in by @magics_class
         for name in names:
             magics[kind].pop(name, None)
     shell.magics_manager.registry.pop("ShmMagics", None)

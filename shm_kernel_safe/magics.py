@@ -167,31 +167,36 @@ class ShmMagics(Magics):
         return None
 
     def _outputs(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
-        """name -> (user's array, array workers write, whether it is a copy)."""
+        """name -> (user's array, array workers write, whether it is a copy).
+
+        Every name is checked before anything is allocated, so a bad name
+        leaves nothing to release.
+        """
         ns = self.shell.user_ns
-        outs: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
         for name in names:
-            value = ns.get(name, None)
             if name not in ns:
-                self._release(outs)
                 raise UsageError(
                     f"--out {name}: no variable named {name!r}; create it first, "
                     f"e.g. {name} = np.zeros(N)"
                 )
+            value = ns[name]
             if not isinstance(value, np.ndarray) or value.dtype.hasobject:
-                self._release(outs)
                 raise UsageError(
                     f"--out {name}: {name} is a {type(value).__name__}, not a numeric ndarray"
                 )
             if not value.flags.writeable:
-                self._release(outs)
                 raise UsageError(f"--out {name}: {name} is read-only")
-            handle = handle_of(value)
-            if handle is not None:
-                outs[name] = (value, value, False)  # already shared: workers write in place
-            else:
-                shared = share(value).view()
-                outs[name] = (value, shared, True)
+        outs: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        try:
+            for name in names:
+                value = ns[name]
+                if handle_of(value) is not None:
+                    outs[name] = (value, value, False)  # already shared: written in place
+                else:
+                    outs[name] = (value, share(value).view(), True)
+        except BaseException:
+            self._release(outs)  # e.g. /dev/shm too small for the second one
+            raise
         return outs
 
     @staticmethod

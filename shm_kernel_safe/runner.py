@@ -294,15 +294,15 @@ class _Call:
                         f"({self.ctrl.done()}/{self.n} items done); its workers were stopped"
                     )
         except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
-            self._stop(pending, kill=True)
+            self._stop(kill=True)
             raise self._worker_died(exc) from None
         except BaseException:
-            self._stop(pending, kill=False)
+            self._stop(kill=False)
             raise
         return finished
 
-    def _stop(self, pending: set[cf.Future], kill: bool) -> None:
-        """Cancel what is queued, let running chunks stop, kill them if stuck."""
+    def _stop(self, kill: bool) -> None:
+        """Raise the cancel flag, let running chunks stop, kill them if stuck."""
         # No Future.cancel(): if the pool is then killed, loky's manager thread
         # fails every pending future and dies on one already cancelled, leaving
         # its semaphores behind. Queued chunks see the flag and return at once.

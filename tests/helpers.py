@@ -9,26 +9,32 @@ import sys
 SHM_DIR = "/dev/shm"
 
 
+def _owned_segments() -> tuple[dict[str, int], set[int]]:
+    """Our-format segments in /dev/shm (name -> owner pid), and the pids of
+    this process and its descendants (kernels, workers)."""
+    import psutil
+
+    from shm_kernel_safe.naming import parse_name
+
+    owners: dict[str, int] = {}
+    if os.path.isdir(SHM_DIR):
+        for entry in os.listdir(SHM_DIR):
+            parsed = parse_name(entry)
+            if parsed is not None:
+                owners[entry] = parsed.pid
+    me = psutil.Process()
+    family = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    return owners, family
+
+
 def shm_entries() -> set[str]:
     """Our segments that this test run is answerable for: made by this
     process, its children (kernels, workers), or processes now dead; not
     those of an unrelated live process (a benchmark running alongside)."""
     import psutil
 
-    from shm_kernel_safe.naming import parse_name
-
-    if not os.path.isdir(SHM_DIR):
-        return set()
-    me = psutil.Process()
-    mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
-    out = set()
-    for entry in os.listdir(SHM_DIR):
-        parsed = parse_name(entry)
-        if parsed is None:
-            continue
-        if parsed.pid in mine or not psutil.pid_exists(parsed.pid):
-            out.add(entry)
-    return out
+    owners, family = _owned_segments()
+    return {e for e, pid in owners.items() if pid in family or not psutil.pid_exists(pid)}
 
 
 def foreign_owners() -> set[int]:
@@ -36,18 +42,8 @@ def foreign_owners() -> set[int]:
     its descendants: another session's kernel, a benchmark running alongside."""
     import psutil
 
-    from shm_kernel_safe.naming import parse_name
-
-    if not os.path.isdir(SHM_DIR):
-        return set()
-    me = psutil.Process()
-    mine = {me.pid} | {p.pid for p in me.children(recursive=True)}
-    owners = set()
-    for entry in os.listdir(SHM_DIR):
-        parsed = parse_name(entry)
-        if parsed is not None and parsed.pid not in mine and psutil.pid_exists(parsed.pid):
-            owners.add(parsed.pid)
-    return owners
+    owners, family = _owned_segments()
+    return {pid for pid in owners.values() if pid not in family and psutil.pid_exists(pid)}
 
 
 def run_python(
