@@ -52,6 +52,19 @@ def work(x: np.ndarray, nn: int, k: int) -> float:
     return float(np.sqrt(np.abs(x[start : start + k])).sum())
 
 
+def calibrate(x: np.ndarray, target: float) -> tuple[int, float]:
+    """Rows per task so that one task takes ~``target`` s serially; and that time."""
+    k = 1
+    while True:
+        t0 = time.perf_counter()
+        for nn in range(0, 200):
+            work(x, nn * 37, k)
+        per = (time.perf_counter() - t0) / 200
+        if per >= target or k >= x.shape[0] // 2:
+            return k, per
+        k = max(k + 1, int(k * min(4.0, target / max(per, 1e-7))))
+
+
 # -- stdlib baselines (module-level: spawn/forkserver children import them) -
 def task_attach_per_task(args):
     """The original question's approach: attach to the segment in every task."""
@@ -127,15 +140,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, 16))
     target = 1e-3 if args.mode == "ms" else 20e-6
-    k = 1
-    while True:  # rows per task so that one task takes ~target serially
-        t0 = time.perf_counter()
-        for nn in range(0, 200):
-            work(x, nn * 37, k)
-        per = (time.perf_counter() - t0) / 200
-        if per >= target or k >= args.rows // 2:
-            break
-        k = max(k + 1, int(k * min(4.0, target / max(per, 1e-7))))
+    k, per = calibrate(x, target)
     print(
         f"x: {x.shape} float64 = {x.nbytes / 2**20:.0f} MiB; {N_TASKS} tasks of {k} rows "
         f"(~{per * 1e6:.0f} us each serially); {P} processes; medians of {R}",

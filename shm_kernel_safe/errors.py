@@ -96,3 +96,8 @@ class WorkerDiedError(_RemoteFailure):
 
 class ParallelTimeoutError(_RemoteFailure, TimeoutError):
     """A call ran past its ``timeout=``; its workers were stopped."""
+
+
+class DaskBackendError(ShmKernelSafeError):
+    """The dask backend cannot run: ``distributed`` missing, a scheduler that
+    does not answer, workers without this package. Always one line."""

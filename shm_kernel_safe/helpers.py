@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from typing import Any
 
@@ -86,6 +87,9 @@ def shutdown_everything() -> None:
 
     segments.unlink_all_owned()
     pool.shutdown_all(join_timeout=1.0)
+    dask = sys.modules.get("shm_kernel_safe.dask_cluster")
+    if dask is not None:
+        dask.close_all()
     stop_forkserver()
     stop_resource_trackers()
 

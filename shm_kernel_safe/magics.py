@@ -4,7 +4,9 @@ namespace, call the library, write owned copies back."""
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import Any
 
 import numpy as np
 from IPython.core.error import UsageError
@@ -13,7 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from . import cells, janitor, pool, segments
 from .arrays import handle_of, label, share
-from .errors import human_bytes
+from .errors import DaskBackendError, human_bytes
 from .progress import PROGRESS_MODES, make_progress
 from .runner import parallel_map
 from .sharing import DEFAULT_THRESHOLD
@@ -45,6 +47,25 @@ class ShmMagics(Magics):
         type=int,
         default=None,
         help="items per message (default: adaptive, timed on the first item)",
+    )
+    @argument(
+        "--backend",
+        default="local",
+        choices=["local", "dask"],
+        help="local: this machine's warm process pool (default); dask: a dask.distributed "
+        "cluster (a loopback LocalCluster started once, unless --scheduler/--client)",
+    )
+    @argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="with --backend dask: the scheduler to connect to, e.g. tcp://10.0.0.5:8786",
+    )
+    @argument(
+        "--client",
+        default=None,
+        metavar="NAME",
+        help="with --backend dask: a distributed.Client variable of the namespace to use",
     )
     @argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     @argument(
@@ -99,6 +120,13 @@ class ShmMagics(Magics):
         in the cell; a worker that dies is reported with its item and signal;
         an interrupt stops the workers within a second. Nothing is left in
         /dev/shm in any case.
+
+        ``--backend dask`` runs the same cell on a dask.distributed cluster
+        (``pip install 'shm_kernel_safe[dask]'``): a loopback LocalCluster
+        started on first use and reused (``-n`` workers), or the scheduler at
+        ``--scheduler ADDRESS``, or the Client held by ``--client NAME``. Big
+        arrays then reach each worker once per run; --out and --result come
+        back the same way.
         """
         try:
             spec = cells.split_line(line)
@@ -127,15 +155,15 @@ class ShmMagics(Magics):
             if name not in ns or not isinstance(ns[name], np.ndarray):
                 raise UsageError(f"--share {name}: no ndarray named {name!r} in the namespace")
             forced.append(ns[name])
+        backend, client = self._backend(args)
         try:
             cell_fn = cells.compile_cell(spec.target, cell, want_result=args.result is not None)
             if args.result is not None and not cell_fn.returns_last_value:
                 raise cells.CellSyntaxError(
                     f"--result {args.result}: the cell must end with an expression to gather"
                 )
-            fn = cells.resolve(cell_fn, ns, {name: shared for name, (_, shared, _) in outs.items()})
+            fn = cells.resolve(cell_fn, ns, {})
         except cells.CellSyntaxError as exc:
-            self._release(outs)
             raise UsageError(str(exc)) from None
 
         progress = make_progress(args.progress)
@@ -149,30 +177,29 @@ class ShmMagics(Magics):
                 timeout=args.timeout,
                 share_threshold=DEFAULT_THRESHOLD,
                 share=forced,
+                out=outs,
                 progress=progress,
+                backend=backend,
+                client=client,
             )
+        except DaskBackendError as exc:
+            if progress is not None:
+                progress.close(error=exc)
+            raise UsageError(str(exc)) from None
         except BaseException as exc:
             if progress is not None:
                 progress.close(error=exc)
-            self._release(outs)
             raise
         if progress is not None:
             progress.close()
-        for original, shared, copied in outs.values():
-            if copied:
-                np.copyto(original, shared)  # into the caller's own array object
-        self._release(outs)
         if args.result is not None:
             ns[args.result] = result
         return None
 
-    def _outputs(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
-        """name -> (user's array, array workers write, whether it is a copy).
-
-        Every name is checked before anything is allocated, so a bad name
-        leaves nothing to release.
-        """
+    def _outputs(self, names: list[str]) -> list[np.ndarray]:
+        """The ``--out`` arrays, each checked before the run starts."""
         ns = self.shell.user_ns
+        outs = []
         for name in names:
             if name not in ns:
                 raise UsageError(
@@ -186,27 +213,33 @@ class ShmMagics(Magics):
                 )
             if not value.flags.writeable:
                 raise UsageError(f"--out {name}: {name} is read-only")
-        outs: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
-        try:
-            for name in names:
-                value = ns[name]
-                if handle_of(value) is not None:
-                    outs[name] = (value, value, False)  # already shared: written in place
-                else:
-                    outs[name] = (value, share(value).view(), True)
-        except BaseException:
-            self._release(outs)  # e.g. /dev/shm too small for the second one
-            raise
+            outs.append(value)
         return outs
 
-    @staticmethod
-    def _release(outs: dict[str, tuple[np.ndarray, np.ndarray, bool]]) -> None:
-        for _, shared, copied in outs.values():
-            if copied:
-                handle = handle_of(shared)
-                if handle is not None:
-                    segments.unlink_name(handle.name)
-        outs.clear()
+    def _backend(self, args: Any) -> tuple[str, Any]:
+        """(backend, client) from ``--backend/--scheduler/--client``."""
+        if args.backend == "local":
+            if args.scheduler or args.client:
+                raise UsageError("--scheduler and --client need --backend dask")
+            return "local", None
+        if args.start_method:
+            raise UsageError("--start-method is for the local backend; dask starts its workers")
+        if args.scheduler and args.client:
+            raise UsageError("give --scheduler ADDRESS or --client NAME, not both")
+        if (args.scheduler or args.client) and args.processes is not None:
+            raise UsageError("-n/--processes sizes the local dask cluster only")
+        if args.client:
+            ns = self.shell.user_ns
+            if args.client not in ns:
+                raise UsageError(f"--client {args.client}: no variable named {args.client!r}")
+            client = ns[args.client]
+            if type(client).__name__ != "Client" or not hasattr(client, "scheduler_info"):
+                raise UsageError(
+                    f"--client {args.client}: {args.client} is a {type(client).__name__}, "
+                    f"not a distributed.Client"
+                )
+            return "dask", client
+        return "dask", args.scheduler
 
     @line_magic
     def shm_share(self, line: str) -> None:
@@ -261,6 +294,11 @@ class ShmMagics(Magics):
         print(f"Warm pools: {len(pools)}")
         for info in pools:
             print(f"  {info['processes']} x {info['start_method']}: pids {info['pids']}")
+        dask = sys.modules.get("shm_kernel_safe.dask_cluster")  # never import dask just for this
+        clusters = dask.describe() if dask is not None else []
+        print(f"Dask clusters: {len(clusters)}")
+        for line in clusters:
+            print(line)
 
     @line_magic
     def shm_cleanup(self, line: str = "") -> None:

@@ -24,13 +24,13 @@ import numpy as np
 
 from . import _platform, sharing, tracebacks
 from . import pool as pools
-from .arrays import SharedArray, empty, handle_of
+from .arrays import SharedArray, empty, handle_of, share
 from .chunking import guided_chunks, min_chunk_for
 from .control import ControlBlock
 from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
 from .progress import make_progress
 from .segments import live_segments, unlink_name
-from .worker import ChunkResult, ChunkTask, Payload, run_chunk
+from .worker import ChunkResult, ChunkTask, Payload, RemoteError, run_chunk
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -50,7 +50,10 @@ def parallel_map(
     timeout: float | None = None,
     share_threshold: int = sharing.DEFAULT_THRESHOLD,
     share: Iterable[Any] = (),
+    out: Iterable[np.ndarray] = (),
     progress: ProgressCallback | str | None = None,
+    backend: str = "local",
+    client: Any = None,
 ) -> np.ndarray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
@@ -62,16 +65,30 @@ def parallel_map(
     writable in workers. Returns an ndarray when results are numbers or
     equal-shape arrays, else a list; never a view of shared memory.
 
+    ``out`` lists arrays ``fn`` writes into (``y[i] = ...``): workers write
+    them, and after a successful call the caller's array objects hold the
+    writes (in place when already in shared memory, else copied back; on
+    error an array that was not shared is left as it was).
+
     ``progress`` is ``"auto"`` (a widget bar in Jupyter, a text bar
     elsewhere), ``"widget"``, ``"text"``, or a callable ``(done, total)``
     called from this process at most ten times a second.
+
+    ``backend="dask"`` runs the same call on a ``dask.distributed`` cluster
+    (the ``dask`` extra): ``client`` is a ``distributed.Client``, a scheduler
+    address, or None for a loopback ``LocalCluster`` of ``processes``
+    workers, started once and reused. Big arrays are then sent to each
+    worker once per call (scatter with broadcast) instead of being shared.
 
     Raises :class:`TaskError` (item + remote traceback) when a task raises,
     :class:`WorkerDiedError` when a worker dies, :class:`ParallelTimeoutError`
     past ``timeout`` seconds, and ``KeyboardInterrupt`` on interrupt; in
     every case remaining work stops and no segment is left behind.
     """
+    backend = _validate_backend(backend, client, start_method, processes)
+    requested_processes = processes
     processes, start_method = _validate(fn, processes, start_method, chunksize, timeout)
+    outputs = _validate_out(out)
     seq = _as_sequence(items)
     n = len(seq)
     if n == 0:
@@ -80,9 +97,35 @@ def parallel_map(
 
     display = make_progress(progress) if isinstance(progress, str) else None
     callback = display if display is not None or isinstance(progress, str) else progress
-    call = _Call(
-        fn, seq, processes, start_method, chunksize, timeout, share_threshold, force, callback
-    )
+    call: _Call | Any
+    if backend == "dask":
+        from .dask_runner import DaskCall
+
+        call = DaskCall(
+            fn,
+            seq,
+            client=client,
+            processes=requested_processes,
+            chunksize=chunksize,
+            timeout=timeout,
+            threshold=share_threshold,
+            force=force,
+            out=outputs,
+            progress=callback,
+        )
+    else:
+        call = _Call(
+            fn,
+            seq,
+            processes,
+            start_method,
+            chunksize,
+            timeout,
+            share_threshold,
+            force,
+            callback,
+            outputs,
+        )
     try:
         result = call.run()
     except BaseException as exc:
@@ -97,6 +140,35 @@ def parallel_map(
 
 
 # -- validation -----------------------------------------------------------------
+BACKENDS = ("local", "dask")
+
+
+def _validate_backend(backend: Any, client: Any, start_method: Any, processes: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "local" and client is not None:
+        raise ValueError("client= is for backend='dask'; the local backend has no client")
+    if backend == "dask" and start_method is not None:
+        raise ValueError(
+            "start_method= is for the local backend; dask workers are started by the cluster"
+        )
+    if backend == "dask" and client is not None and processes is not None:
+        raise ValueError(
+            "processes= sizes the local dask cluster; a given client's cluster has its own workers"
+        )
+    return backend
+
+
+def _validate_out(out: Iterable[Any]) -> tuple[np.ndarray, ...]:
+    outputs = tuple(out)
+    for i, arr in enumerate(outputs):
+        if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+            raise TypeError(f"out[{i}] is a {type(arr).__name__}, not a numeric ndarray")
+        if not arr.flags.writeable:
+            raise ValueError(f"out[{i}] is read-only")
+    return outputs
+
+
 def _validate(fn, processes, start_method, chunksize, timeout) -> tuple[int, str]:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -165,7 +237,7 @@ def _find_unpicklable_name(fn: Any) -> str | None:
 # -- one call -------------------------------------------------------------------
 class _Call:
     def __init__(
-        self, fn, seq, processes, start_method, chunksize, timeout, threshold, force, progress
+        self, fn, seq, processes, start_method, chunksize, timeout, threshold, force, progress, out
     ):
         self.n = len(seq)
         self.processes = processes
@@ -177,10 +249,22 @@ class _Call:
         self.fn = fn
         self.owned: list[str] = []
         self.out: np.ndarray | None = None
+        # Output arrays outside shared memory: workers write a shared copy,
+        # copied back into the caller's array when the call succeeds.
+        self.copy_back: list[tuple[np.ndarray, np.ndarray]] = []
+        self.report = sharing.SharingReport()
+        replace: dict[int, SharedArray] = {}
+        for arr in out:
+            if handle_of(arr) is None:
+                shared = share(arr)
+                self.owned.append(shared.name)
+                replace[id(arr)] = shared
+                self.copy_back.append((arr, shared.view()))
         try:
             keep = frozenset(r.name for r in live_segments() if not r.unlinked)
-            data, self.report = sharing.dumps(Payload(fn, seq, keep), threshold, force)
+            data, self.report = sharing.dumps(Payload(fn, seq, keep), threshold, force, replace)
         except Exception as exc:
+            self.release()
             raise _unpicklable_error(fn, exc) from exc
         payload = empty(len(data), dtype=np.uint8)
         payload[:] = np.frombuffer(data, dtype=np.uint8)
@@ -210,10 +294,7 @@ class _Call:
             unlink_name(name)
         self.owned.clear()
         self.out = None
-
-    @property
-    def code_files(self) -> dict[str, str]:
-        return tracebacks.code_files(self.fn)
+        self.copy_back.clear()
 
     def task(self, chunk: int, out: SharedArray | None = None, scalar_type=None) -> ChunkTask:
         start, stop = self.chunks[chunk]
@@ -238,6 +319,8 @@ class _Call:
         for res in self._wait(executor, futures):
             results[res.chunk] = res
         self._report_progress(force=True)
+        for original, shared in self.copy_back:
+            np.copyto(original, shared)
         return self._gather(results)
 
     # -- results ---------------------------------------------------------
@@ -281,11 +364,7 @@ class _Call:
                 for fut in done:
                     res = fut.result()
                     if res.error is not None:
-                        err = res.error
-                        text = tracebacks.render(err.frames, err.exc_lines, self.code_files)
-                        raise TaskError(
-                            err.index, err.item_repr, err.exc_type, err.message, text
-                        ) from err.original
+                        raise _task_error(res.error, self.fn)
                     finished.append(res)
                 self._report_progress()
                 if pending and self.deadline is not None and time.monotonic() >= self.deadline:
@@ -339,6 +418,15 @@ class _Call:
         if force or now - self._last_progress >= 0.1:
             self._last_progress = now
             self.progress(min(self.ctrl.done(), self.n), self.n)
+
+
+def _task_error(err: RemoteError, fn: Any) -> TaskError:
+    """The error a user sees for a failed item, with their own source lines."""
+    text = tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
+    error = TaskError(err.index, err.item_repr, err.exc_type, err.message, text)
+    error.__cause__ = err.original
+    error.__suppress_context__ = True
+    return error
 
 
 def _handle(arr: np.ndarray, owned: list[str]) -> SharedArray:

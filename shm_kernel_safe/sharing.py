@@ -43,30 +43,66 @@ class SharingReport:
         return {h.name for h in self.created} | {h.name for h in self.reused}
 
 
-class _SharingPickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, threshold: int, force: set[int], report: SharingReport):
+class ArrayPickler(cloudpickle.Pickler):
+    """cloudpickle, with every numeric ndarray offered to :meth:`reduce_array`.
+
+    A :class:`SharedArray` handle found in the payload (closed over by the
+    function) is offered as the array it describes. Subclasses decide what
+    an array becomes on the wire; ``None`` pickles it inline as usual.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._threshold = threshold
-        self._force = force
-        self._report = report
-        self._by_data: dict[tuple, SharedArray] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
-            handle = self._handle_for(obj)
-            if handle is not None:
-                return _rebuild_array, _fields(handle)
+            reduced = self.reduce_array(obj, handle_of(obj))
+            if reduced is not None:
+                return reduced
         elif isinstance(obj, SharedArray):
-            # A handle closed over by the function arrives as the array itself.
-            self._report.reused.append(obj)
-            return _rebuild_array, _fields(obj)
+            reduced = self.reduce_array(None, obj)
+            if reduced is not None:
+                return reduced
         return super().reducer_override(obj)
 
-    def _handle_for(self, arr: np.ndarray) -> SharedArray | None:
-        existing = handle_of(arr)
+    def reduce_array(self, arr: np.ndarray | None, handle: SharedArray | None) -> tuple | None:
+        """How ``arr`` travels: a reduce tuple, or None to pickle it inline.
+
+        ``arr`` is None for a bare handle (not attached here), ``handle`` is
+        None for an array outside our shared memory.
+        """
+        raise NotImplementedError
+
+
+class _SharingPickler(ArrayPickler):
+    def __init__(
+        self,
+        file: io.BytesIO,
+        threshold: int,
+        force: set[int],
+        report: SharingReport,
+        replace: dict[int, SharedArray],
+    ):
+        super().__init__(file)
+        self._threshold = threshold
+        self._force = force
+        self._report = report
+        self._replace = replace
+        self._by_data: dict[tuple, SharedArray] = {}
+
+    def reduce_array(self, arr: np.ndarray | None, handle: SharedArray | None) -> tuple | None:
+        handle = self._handle_for(arr, handle)
+        return None if handle is None else (_rebuild_array, _fields(handle))
+
+    def _handle_for(
+        self, arr: np.ndarray | None, existing: SharedArray | None
+    ) -> SharedArray | None:
+        if arr is not None and id(arr) in self._replace:  # an output: a writable shared copy
+            return self._replace[id(arr)]
         if existing is not None:
             self._report.reused.append(existing)
             return existing
+        assert arr is not None
         if arr.nbytes < self._threshold and id(arr) not in self._force:
             return None
         key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
@@ -80,17 +116,22 @@ class _SharingPickler(cloudpickle.Pickler):
 
 
 def dumps(
-    obj: Any, threshold: int = DEFAULT_THRESHOLD, force: tuple[Any, ...] = ()
+    obj: Any,
+    threshold: int = DEFAULT_THRESHOLD,
+    force: tuple[Any, ...] = (),
+    replace: dict[int, SharedArray] | None = None,
 ) -> tuple[bytes, SharingReport]:
     """Pickle ``obj`` for workers; big arrays go to shared memory.
 
-    ``force`` lists arrays to share whatever their size. On error, segments
-    already created for this payload are released before re-raising.
+    ``force`` lists arrays to share whatever their size; ``replace`` maps
+    ``id(array)`` to the handle workers get instead (output arrays). On
+    error, segments already created for this payload are released.
     """
     report = SharingReport()
     buf = io.BytesIO()
     try:
-        _SharingPickler(buf, threshold, {id(a) for a in force}, report).dump(obj)
+        pickler = _SharingPickler(buf, threshold, {id(a) for a in force}, report, replace or {})
+        pickler.dump(obj)
     except BaseException:
         release(report)
         raise

@@ -64,6 +64,8 @@ class ChunkResult:
     misfits: dict[int, Any] = field(default_factory=dict)  # results that do not stack
     error: RemoteError | None = None
     seconds: float = 0.0  # wall time of the items, for adaptive chunk sizing
+    # dask backend: elements of output arrays the chunk changed, key -> (flat indices, values)
+    writes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 _current: dict[str, Any] = {"call_id": None, "payload": None, "names": frozenset()}

@@ -8,6 +8,7 @@ import gc
 from multiprocessing import shared_memory
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
@@ -16,6 +17,17 @@ import shm_kernel_safe as sks
 from shm_kernel_safe.segments import Segment
 
 from .helpers import shm_entries
+
+
+@pytest.fixture(autouse=True)
+def _frozen_heap():
+    """Objects from before the test (a whole dask cluster's client side, if
+    test_dask ran first) are moved out of the collector's way: the machine's
+    many gc.collect() calls then cost what the test's own objects cost."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 class Seg:

@@ -1,0 +1,174 @@
+"""The dask backend against the local backend, on the hourly workload, in one process.
+
+    python benchmarks/bench_dask.py --rows 1000000 [--mode ms|tiny] [--repeats 5]
+
+Same x and tasks as ``bench_hourly.py`` (8760 tasks, ~1 ms or ~20 us each).
+Contenders are interleaved round by round (rotated order) so the machine's
+drift falls on all of them; medians, reported as ratios to the local
+backend and as per-task overhead ``(wall - serial / P) / N``:
+
+* local backend, x auto-shared per call (what a user gets by default);
+* dask backend (``parallel_map(..., backend="dask")``) on a 2-process
+  loopback LocalCluster, x scattered to every worker once per call;
+* dask the way people write it first: x scattered once (broadcast), then
+  ``client.map`` with one dask task per item, results gathered.
+
+Also printed: the bytes a call moves per worker and per task, which is
+what decides how the backend scales with workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import pickle
+import statistics
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_hourly
+
+import shm_kernel_safe as sks
+from shm_kernel_safe import dask_cluster
+from shm_kernel_safe.dask_runner import DaskCall
+from shm_kernel_safe.dask_worker import DaskChunk
+
+cloudpickle.register_pickle_by_value(bench_hourly)
+N_TASKS = bench_hourly.N_TASKS
+work = bench_hourly.work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--mode", choices=["ms", "tiny"], default="ms")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    P, R = args.processes, args.repeats
+    sks.tune_malloc()
+
+    x = np.random.default_rng(0).standard_normal((args.rows, 16))
+    target = 1e-3 if args.mode == "ms" else 20e-6
+    k, _ = bench_hourly.calibrate(x, target)
+    fn = functools.partial(work, x, k=k)
+    ref = np.array([fn(nn) for nn in range(N_TASKS)])
+    print(
+        f"x: {x.shape} float64 = {x.nbytes / 2**20:.0f} MiB; {N_TASKS} tasks of {k} rows; "
+        f"{P} processes / dask workers; medians of {R}",
+        flush=True,
+    )
+
+    t0 = time.perf_counter()
+    client = dask_cluster.get_client(None, processes=P)
+    cluster_start = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert np.allclose(sks.parallel_map(fn, range(N_TASKS), backend="dask"), ref)
+    dask_first = time.perf_counter() - t0
+
+    def naive_dask():
+        x_future = client.scatter(x, broadcast=True, hash=False)
+        futures = client.map(lambda nn, xx: work(xx, nn, k), range(N_TASKS), xx=x_future)
+        out = client.gather(futures)
+        del futures, x_future
+        return out
+
+    contenders = {
+        "serial loop": lambda: [fn(nn) for nn in range(N_TASKS)],
+        "local backend, x auto-shared per call": lambda: sks.parallel_map(
+            fn, range(N_TASKS), processes=P
+        ),
+        "dask backend, x scattered once per worker per call": lambda: sks.parallel_map(
+            fn, range(N_TASKS), backend="dask"
+        ),
+        "dask client.map, one task per item (x scattered once)": naive_dask,
+    }
+    names = list(contenders)
+    for name in names:  # warm everything, check every answer
+        assert np.allclose(contenders[name](), ref), name
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(R):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            contenders[name]()
+            results[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(v) for name, v in results.items()}
+
+    # what one call moves: per worker (payload + arrays, once) and per task
+    call = DaskCall(
+        fn,
+        range(N_TASKS),
+        client=None,
+        processes=P,
+        chunksize=None,
+        timeout=None,
+        threshold=sks.sharing.DEFAULT_THRESHOLD,
+        force=(),
+        out=(),
+        progress=None,
+    )
+    try:
+        call.run()
+        per_worker = len(call.payload) + sum(a.nbytes for a in call.arrays.values())
+        n_chunks = len(call.chunks)
+        spec = DaskChunk(call.call_id, 0, 0, 1)
+        per_task_out = len(pickle.dumps(spec)) + 3 * 64  # spec + three future keys
+        per_task_back = len(pickle.dumps(call.finished[1])) / (
+            call.chunks[1][1] - call.chunks[1][0]
+        )
+    finally:
+        call.release()
+    dask_cluster.close_all()
+
+    serial = times["serial loop"]
+    local = times["local backend, x auto-shared per call"]
+    print(f"\n{'contender':56s} {'median s':>9s} {'vs local':>9s} {'us/task':>8s}")
+    overhead = {}
+    for name in names:
+        t = times[name]
+        overhead[name] = (t - serial / P) / N_TASKS * 1e6
+        ratio = local / t
+        print(f"{name:56s} {t:9.3f} {ratio:8.2f}x {overhead[name]:8.1f}")
+    print(
+        f"\nstarting the LocalCluster: {cluster_start:.2f} s; first dask call "
+        f"{dask_first:.2f} s (workers cold)"
+    )
+    print(
+        f"bytes per worker per call: {per_worker / 2**20:.1f} MiB (payload + x), sent once; "
+        f"per task: ~{per_task_out} B out, ~{per_task_back:.0f} B back per item; "
+        f"{n_chunks} chunks for {N_TASKS} items"
+    )
+    out = {
+        "rows": args.rows,
+        "mode": args.mode,
+        "k": k,
+        "repeats": R,
+        "times": times,
+        "all_times": results,
+        "overhead_us": overhead,
+        "dask_vs_local": local / times["dask backend, x scattered once per worker per call"],
+        "naive_vs_local": local / times["dask client.map, one task per item (x scattered once)"],
+        "cluster_start_s": cluster_start,
+        "dask_first_call_s": dask_first,
+        "bytes_per_worker_per_call": per_worker,
+        "bytes_per_task_out": per_task_out,
+        "bytes_per_item_back": per_task_back,
+        "chunks": n_chunks,
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

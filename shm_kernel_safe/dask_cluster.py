@@ -1,0 +1,257 @@
+"""Which dask cluster a call runs on: a client the user gave, a scheduler
+address, or a ``LocalCluster`` of our own, started once and reused.
+
+``distributed`` is an optional dependency (the ``dask`` extra): it is
+imported only here and only when the dask backend is asked for, so a kernel
+without it pays nothing and gets a one-line error naming the extra.
+
+Our own cluster runs worker *processes* (one thread each: the user's code is
+Python that holds the GIL) and listens on loopback only, scheduler HTTP
+server included (a dashboard there when bokeh is installed). It is closed
+at interpreter exit and, in a kernel, before ipykernel kills its children
+(see :mod:`.helpers`), so a notebook that used it shuts down as quickly as
+one that did not.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from .errors import DaskBackendError
+
+#: Seconds to wait for a scheduler that does not answer.
+CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for the workers of our own cluster to (re)start.
+WORKER_START_TIMEOUT = 60.0
+
+_lock = threading.RLock()
+_local: dict[str, Any] = {}  # "cluster", "client" of our own LocalCluster
+_connected: dict[str, Any] = {}  # scheduler address -> Client we opened
+_checked: set[str] = set()  # client ids whose workers can import us
+
+
+def import_distributed() -> Any:
+    """``distributed``, or a one-line error saying how to get it."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise DaskBackendError(
+            "the dask backend needs the 'distributed' package: pip install 'shm_kernel_safe[dask]'"
+        ) from exc
+    return distributed
+
+
+def get_client(client: Any = None, processes: int | None = None) -> Any:
+    """The ``distributed.Client`` a call runs on.
+
+    ``client`` is a Client (used as is), a scheduler address such as
+    ``"tcp://10.0.0.5:8786"`` (connected once, reused), or None for our own
+    loopback ``LocalCluster`` with ``processes`` workers (default: the usable
+    CPUs), started on first use and reused across calls.
+    """
+    distributed = import_distributed()
+    if client is None:
+        result = _local_client(distributed, processes)
+    elif isinstance(client, distributed.Client):
+        if client.status not in ("running", "connecting", "newly-created"):
+            raise DaskBackendError(f"the dask client {client!r} is {client.status}, not running")
+        result = client
+    elif isinstance(client, str):
+        result = _client_for_address(distributed, client)
+    else:
+        raise TypeError(
+            f"client must be a distributed.Client, a scheduler address or None, "
+            f"got {type(client).__name__}"
+        )
+    _check_workers(result)
+    return result
+
+
+def _client_for_address(distributed: Any, address: str) -> Any:
+    with _lock:
+        existing = _connected.get(address)
+        if existing is not None and existing.status == "running":
+            return existing
+        try:
+            client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DaskBackendError(
+                f"cannot reach the dask scheduler at {address!r} within "
+                f"{CONNECT_TIMEOUT:.0f} s ({reason}); is it running (`dask scheduler`) "
+                f"and reachable from this machine?"
+            ) from None
+        _connected[address] = client
+        return client
+
+
+def _local_client(distributed: Any, processes: int | None) -> Any:
+    import dask
+
+    from . import pool
+    from .helpers import hook_kernel_shutdown
+
+    wanted = processes or pool.usable_cpus()
+    with _lock:
+        client = _local.get("client")
+        if client is not None and client.status == "running":
+            cluster = _local["cluster"]
+            if processes is not None and len(cluster.worker_spec) != wanted:
+                cluster.scale(wanted)  # -n changed between cells
+            # Workers killed by the last call are restarting: wait for them,
+            # or this call's data would reach only the survivors.
+            client.wait_for_workers(len(cluster.worker_spec), timeout=WORKER_START_TIMEOUT)
+            return client
+        close_local()
+        _main_free_worker_starts(True)
+        # The Active Memory Manager would drop the replicas a broadcast made
+        # (no task waits on them between chunks) and workers would fetch
+        # big arrays again, and a single death could lose scattered data.
+        with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+            cluster = distributed.LocalCluster(
+                n_workers=wanted,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                # the scheduler's HTTP server (dashboard when bokeh is there,
+                # health and metrics otherwise) also on loopback, any free port
+                dashboard_address="127.0.0.1:0",
+                silence_logs=logging.CRITICAL,  # our errors say what happened
+            )
+        client = distributed.Client(cluster, set_as_default=False)
+        _local.update(cluster=cluster, client=client)
+    hook_kernel_shutdown()
+    return client
+
+
+def _main_free_worker_starts(on: bool) -> None:
+    """While our cluster lives, nannies start workers (first start and every
+    restart after a crash) without importing the user's ``__main__``, as our
+    own pools do: a script without a main guard would otherwise run again
+    in every worker and try to start a cluster of its own. Functions from
+    ``__main__`` reach workers by value (cloudpickle), so nothing is lost.
+    """
+    from distributed import process, utils
+
+    from . import pool
+
+    if not on:
+        process.get_mp_context = utils.get_mp_context
+        return
+
+    def get_mp_context() -> Any:
+        ctx = utils.get_mp_context()
+        return pool.make_context("spawn") if ctx.get_start_method() == "spawn" else ctx
+
+    process.get_mp_context = get_mp_context
+
+
+def _check_workers(client: Any) -> None:
+    """Fail in one line if the workers cannot run our chunk function."""
+    if client.id in _checked:
+        return
+    try:
+        client.run(_worker_can_import, wait=True)
+    except Exception as exc:
+        raise DaskBackendError(
+            f"the dask workers cannot import shm_kernel_safe ({type(exc).__name__}: {exc}); "
+            f"install it on every worker: pip install 'shm_kernel_safe[dask]'"
+        ) from None
+    _checked.add(client.id)
+
+
+def _worker_can_import() -> str:
+    import shm_kernel_safe.dask_worker  # noqa: F401
+
+    return "ok"
+
+
+def is_local(client: Any) -> bool:
+    """Whether ``client`` drives the cluster we started (ours to restart)."""
+    return client is _local.get("client")
+
+
+def stop_stuck(client: Any, call_id: str, grace: float) -> list[str]:
+    """Kill workers still running a chunk of ``call_id`` after ``grace`` s.
+
+    Their nannies start fresh ones at once, as after a crash; killing is
+    what the local backend does to a stuck worker too (a thread cannot be
+    stopped inside an item).
+    """
+    from .dask_worker import busy_with, exit_worker
+
+    deadline = time.monotonic() + grace
+    try:
+        while True:
+            busy = client.run(busy_with, call_id)
+            stuck = [addr for addr, running in busy.items() if running]
+            if not stuck or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if stuck:
+            client.run(exit_worker, workers=stuck, wait=False)
+        return stuck
+    except Exception:  # the cluster closed meanwhile: nothing left to stop
+        return []
+
+
+def describe() -> list[str]:
+    """Lines for ``%shm_status``: clusters and schedulers in use."""
+    lines = []
+    with _lock:
+        client = _local.get("client")
+        entries = [("local cluster", client)] if client is not None else []
+        entries += [(f"scheduler {addr}", c) for addr, c in _connected.items()]
+        for label, c in entries:
+            if c.status != "running":
+                lines.append(f"  {label}: {c.status}")
+                continue
+            try:
+                workers = c.nthreads()
+                pids = sorted(c.run(os.getpid).values()) if label == "local cluster" else []
+            except Exception as exc:  # a scheduler that went away
+                lines.append(f"  {label}: unreachable ({type(exc).__name__})")
+                continue
+            has_bokeh = importlib.util.find_spec("bokeh") is not None
+            dash = c.dashboard_link if has_bokeh else None
+            lines.append(
+                f"  {label} at {c.scheduler.address}: {len(workers)} workers"
+                + (f", pids {pids}" if pids else "")
+                + (f", dashboard {dash}" if dash else "")
+            )
+    return lines
+
+
+def close_local() -> None:
+    """Close our LocalCluster (workers, nannies, scheduler) if it runs."""
+    with _lock:
+        client = _local.pop("client", None)
+        cluster = _local.pop("cluster", None)
+    for obj in (client, cluster):
+        if obj is not None:
+            with contextlib.suppress(Exception):
+                obj.close(timeout=10)
+    if cluster is not None:
+        _main_free_worker_starts(False)
+
+
+def close_all() -> None:
+    """Close our cluster and disconnect from schedulers we connected to."""
+    close_local()
+    with _lock:
+        clients = list(_connected.values())
+        _connected.clear()
+        _checked.clear()
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.close(timeout=5)
+
+
+atexit.register(close_all)
