@@ -126,6 +126,9 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
                 silence_logs=logging.CRITICAL,  # our errors say what happened
             )
         client = distributed.Client(cluster, set_as_default=False)
+        from .dask_worker import MallocTuning
+
+        client.register_plugin(MallocTuning())
         _local.update(cluster=cluster, client=client)
     hook_kernel_shutdown()
     return client

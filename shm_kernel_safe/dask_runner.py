@@ -170,7 +170,8 @@ class DaskCall:
         self.scattered.append(payload)
         futures: dict[str, dict[str, Any]] = {}
         for name, table in (("arrays", self.arrays), ("outs", self.outs)):
-            futures[name] = client.scatter(table, broadcast=True, hash=False) if table else {}
+            wrapped = {key: dask_worker.Aligned(arr) for key, arr in table.items()}
+            futures[name] = client.scatter(wrapped, broadcast=True, hash=False) if table else {}
             self.scattered.extend(futures[name].values())
         return payload, futures["arrays"], futures["outs"]
 

@@ -55,6 +55,21 @@ def test_safety_notebook():
     assert "Segments of this kernel" in text and "Stale segments" in text
 
 
+def test_dask_backend_notebook():
+    pytest.importorskip("distributed")
+    before = shm_entries()
+    nb = _run_notebook("dask_backend.ipynb")
+    text = _text(nb)
+    assert "dask and local backends agree" in text
+    assert "local cluster at tcp://127.0.0.1:" in text
+    assert "first day from the other cluster" in text
+    assert "TaskError item 42 (42) raised ValueError: bad hour 42" in text
+    assert not any(
+        out.get("output_type") == "error" for c in nb.cells for out in c.get("outputs", [])
+    )
+    assert shm_entries() == before
+
+
 def test_spyder_console_script_cell_by_cell():
     # Spyder's %runcell fetches a cell's text from its editor over the comm;
     # we send each cell's text ourselves, to a real Spyder kernel.
