@@ -124,6 +124,14 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
                 # health and metrics otherwise) also on loopback, any free port
                 dashboard_address="127.0.0.1:0",
                 silence_logs=logging.CRITICAL,  # our errors say what happened
+                # Dask's statistical profiler samples each worker's task
+                # thread 100 times a second, taking the GIL: items ran 20-40%
+                # slower with it (benchmarks/bench_dask.py). Our cluster only
+                # runs our chunks; its dashboard then has no profile page.
+                config=dask.config.merge(
+                    dask.config.config,
+                    {"distributed": {"worker": {"profile": {"enabled": False}}}},
+                ),
             )
         client = distributed.Client(cluster, set_as_default=False)
         from .dask_worker import MallocTuning
