@@ -38,7 +38,7 @@ import bench_hourly
 import shm_kernel_safe as sks
 from shm_kernel_safe import dask_cluster
 from shm_kernel_safe.dask_runner import DaskCall
-from shm_kernel_safe.dask_worker import DaskChunk
+from shm_kernel_safe.dask_worker import Aligned, DaskChunk
 
 cloudpickle.register_pickle_by_value(bench_hourly)
 N_TASKS = bench_hourly.N_TASKS
@@ -104,6 +104,18 @@ def main() -> None:
             results[name].append(time.perf_counter() - t0)
     times = {name: statistics.median(v) for name, v in results.items()}
 
+    # fixed costs: a call of empty tasks (dispatch only), and sending x to all workers
+    def scatter_x():
+        client.scatter(Aligned(x), broadcast=True, hash=False).release()
+
+    empty_local, _ = bench_hourly.timed(
+        lambda: sks.parallel_map(int, range(N_TASKS), processes=P), R
+    )
+    empty_dask, _ = bench_hourly.timed(
+        lambda: sks.parallel_map(int, range(N_TASKS), backend="dask"), R
+    )
+    scatter_s, _ = bench_hourly.timed(scatter_x, R)
+
     # what one call moves: per worker (payload + arrays, once) and per task
     call = DaskCall(
         fn,
@@ -144,6 +156,10 @@ def main() -> None:
         f"{dask_first:.2f} s (workers cold)"
     )
     print(
+        f"{N_TASKS} empty tasks: local {empty_local * 1e3:.0f} ms, dask {empty_dask * 1e3:.0f} ms; "
+        f"sending x to {P} workers (scatter, broadcast): {scatter_s * 1e3:.0f} ms per call"
+    )
+    print(
         f"bytes per worker per call: {per_worker / 2**20:.1f} MiB (payload + x), sent once; "
         f"per task: ~{per_task_out} B out, ~{per_task_back:.0f} B back per item; "
         f"{n_chunks} chunks for {N_TASKS} items"
@@ -164,6 +180,9 @@ def main() -> None:
         "bytes_per_task_out": per_task_out,
         "bytes_per_item_back": per_task_back,
         "chunks": n_chunks,
+        "empty_local_ms": empty_local * 1e3,
+        "empty_dask_ms": empty_dask * 1e3,
+        "scatter_x_ms": scatter_s * 1e3,
     }
     if args.json:
         with open(args.json, "w") as fh:

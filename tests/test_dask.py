@@ -447,3 +447,33 @@ def test_cell_magic_on_dask_in_a_real_kernel():
             )
             assert "Traceback" not in res["stderr"], res["stderr"]
         assert km.is_alive()
+
+
+def test_cell_magic_on_dask_in_a_spyder_console():
+    """The same cell in a real spyder-kernels console: the Variable Explorer
+    then shows and opens the --out array; the console's shutdown closes
+    our cluster (the harness checks no process outlives the kernel)."""
+    import cloudpickle
+
+    from .kernels import SpyderFrontend, evaluate, execute, kernel
+
+    with kernel("spyder") as (km, kc):
+        spyder = SpyderFrontend(kc)
+        spyder.configure_view(minmax=True)
+        execute(kc, "%load_ext shm_kernel_safe")
+        execute(kc, KERNEL_DEFS)
+        res = execute(
+            kc,
+            "%%shm_parallel nn in range(500) --out y --backend dask -n 2\n"
+            "y[nn] = hourly_calc(x, nn)\n",
+        )
+        assert res["status"] == "ok", res
+        assert "500/500" in res["stdout"] or res["stdout"] == ""  # text bar, if it showed
+        assert evaluate(kc, "bool(id(y) == y_id and y.any())") == "True"
+        view = spyder.call("get_namespace_view")
+        assert "Min" in view["y"]["view"]
+        y = cloudpickle.loads(spyder.call("get_value", "y", encoded=True))
+        expected = evaluate(kc, "repr(float(sum(hourly_calc(x, n) for n in range(500))))")
+        assert abs(float(y.sum()) - float(expected.strip("'"))) < 1e-6
+        assert "local cluster at tcp://127.0.0.1:" in execute(kc, "%shm_status")["stdout"]
+        assert km.is_alive()
