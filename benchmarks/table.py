@@ -1,6 +1,7 @@
 """Render benchmark JSON results as the Markdown table in the README.
 
 python benchmarks/table.py benchmarks/results/ms_1M.json [...]
+python benchmarks/table.py benchmarks/results/dask_ms_1M.json benchmarks/results/dask_tiny_1M.json
 """
 
 from __future__ import annotations
@@ -50,14 +51,51 @@ def summary(run: dict) -> str:
     return "; ".join(parts)
 
 
+DASK_ORDER = [
+    "serial loop",
+    "local backend, x auto-shared per call",
+    "dask backend, x scattered once per worker per call",
+    "dask client.map, one task per item (x scattered once)",
+]
+
+
+def dask_cell(run: dict, name: str) -> str:
+    t = run["times"][name]
+    local = run["times"]["local backend, x auto-shared per call"]
+    return f"{t:.2f} s ({local / t:.2f} of local, {run['overhead_us'][name]:.0f} us/task)"
+
+
+def dask_summary(run: dict) -> str:
+    return (
+        f"{run['chunks']} dask tasks for 8760 items; {run['empty_dask_ms']:.0f} ms for 8760 "
+        f"empty items (local {run['empty_local_ms']:.0f} ms); sending x to the workers "
+        f"{run['scatter_x_ms']:.0f} ms per call; "
+        f"{run['bytes_per_worker_per_call'] / 2**20:.1f} MiB per worker per call, "
+        f"~{run['bytes_per_task_out']} B per task out, ~{run['bytes_per_item_back']:.0f} B "
+        f"per item back; cluster start {run['cluster_start_s']:.1f} s"
+    )
+
+
+def _head(run: dict) -> str:
+    return f"{run['rows']:,} rows, {'~20 us' if run['mode'] == 'tiny' else '~1 ms'} tasks"
+
+
 def main(paths: list[str]) -> None:
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
-    heads = [
-        f"{r['rows']:,} rows, {'~20 us' if r['mode'] == 'tiny' else '~1 ms'} tasks" for r in runs
-    ]
+    if all("dask_vs_local" in r for r in runs):  # benchmarks/bench_dask.py results
+        heads = [_head(r) for r in runs]
+        print("| contender | " + " | ".join(heads) + " |")
+        print("| --- |" + " --- |" * len(runs))
+        for name in DASK_ORDER:
+            print(f"| {name} | " + " | ".join(dask_cell(r, name) for r in runs) + " |")
+        print()
+        for run, head in zip(runs, heads, strict=True):
+            print(f"* {head}: {dask_summary(run)}")
+        return
+    heads = [_head(r) for r in runs]
     print("| contender | " + " | ".join(heads) + " |")
     print("| --- |" + " --- |" * len(runs))
     for name in ORDER:
