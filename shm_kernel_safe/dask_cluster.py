@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -114,6 +115,7 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
         # The Active Memory Manager would drop the replicas a broadcast made
         # (no task waits on them between chunks) and workers would fetch
         # big arrays again, and a single death could lose scattered data.
+        path_before = list(sys.path)
         with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
             cluster = distributed.LocalCluster(
                 n_workers=wanted,
@@ -133,6 +135,10 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
                     {"distributed": {"worker": {"profile": {"enabled": False}}}},
                 ),
             )
+        # The in-process scheduler puts its scratch directory at the front of
+        # sys.path (for upload_file, which our cluster never serves): keep
+        # the kernel's import path as the user had it.
+        sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
         client = distributed.Client(cluster, set_as_default=False)
         from .dask_worker import MallocTuning
 
