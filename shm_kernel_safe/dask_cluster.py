@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from .errors import DaskBackendError
+from .errors import DaskBackendError, human_bytes
 
 #: Seconds to wait for a scheduler that does not answer.
 CONNECT_TIMEOUT = 10.0
@@ -238,12 +238,26 @@ def describe() -> list[str]:
                 continue
             has_bokeh = importlib.util.find_spec("bokeh") is not None
             dash = c.dashboard_link if has_bokeh else None
+            runner = sys.modules.get("shm_kernel_safe.dask_runner")
+            n_kept, kept_bytes = runner.kept_arrays.summary(c) if runner else (0, 0)
             lines.append(
                 f"  {label} at {c.scheduler.address}: {len(workers)} workers"
                 + (f", pids {pids}" if pids else "")
                 + (f", dashboard {dash}" if dash else "")
+                + (
+                    f"; keeps {n_kept} array(s) of the last run, "
+                    f"{human_bytes(kept_bytes)} per worker"
+                    if n_kept
+                    else ""
+                )
             )
     return lines
+
+
+def _forget_kept(client: Any) -> None:
+    runner = sys.modules.get("shm_kernel_safe.dask_runner")
+    if runner is not None and client is not None:
+        runner.kept_arrays.forget(client)
 
 
 def close_local() -> None:
@@ -251,6 +265,7 @@ def close_local() -> None:
     with _lock:
         client = _local.pop("client", None)
         cluster = _local.pop("cluster", None)
+    _forget_kept(client)
     for obj in (client, cluster):
         if obj is not None:
             with contextlib.suppress(Exception):
@@ -267,6 +282,7 @@ def close_all() -> None:
         _connected.clear()
         _checked.clear()
     for client in clients:
+        _forget_kept(client)
         with contextlib.suppress(Exception):
             client.close(timeout=5)
 

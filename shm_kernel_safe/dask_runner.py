@@ -19,6 +19,7 @@ cannot cross machines, so:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import threading
 import time
@@ -72,10 +73,66 @@ class _ScatterPickler(ArrayPickler):
     def _key(self, arr: np.ndarray, table: dict[str, np.ndarray], kind: str) -> str:
         key = self._keys.get(id(arr))
         if key is None:
-            key = f"{self.prefix}-{kind}{len(self._keys)}"
+            # Read-only inputs are named by content, so an unchanged array is
+            # found on the cluster by the next call; outputs change, so not.
+            if kind == "arr":
+                key = f"sks-{content_digest(arr)}"
+            else:
+                key = f"{self.prefix}-out{len(table)}"
             self._keys[id(arr)] = key
             table[key] = arr
         return key
+
+
+def content_digest(arr: np.ndarray) -> str:
+    """What an array holds: dtype, shape and a SHA-1 of its bytes.
+
+    SHA-1 (hardware-accelerated here: 83 ms for 122 MB) costs a fraction of
+    sending the array to the workers (383-867 ms for 2 local workers, W
+    times the array through the scheduler on a real cluster), and it sees
+    any in-place change, where an id or a sampled checksum would not.
+    """
+    data = np.ascontiguousarray(arr)
+    digest = hashlib.sha1(memoryview(data).cast("B")).hexdigest()
+    shape = "x".join(map(str, arr.shape))
+    return f"{arr.dtype.str.strip('<>|=')}-{shape}-{digest}"
+
+
+class _KeptArrays:
+    """Big arrays left on a cluster by the last call, by content key.
+
+    A call reuses those it needs (no transfer at all) and scatters the rest;
+    what it does not use is released, so a cluster keeps at most one call's
+    arrays between calls, as our local workers keep the segments a kernel
+    still holds.
+    """
+
+    def __init__(self) -> None:
+        self._by_client: dict[str, dict[str, Any]] = {}
+        self._nbytes: dict[str, int] = {}
+
+    def reusable(self, client: Any, keys: list[str]) -> dict[str, Any]:
+        kept = self._by_client.get(client.id, {})
+        return {k: kept[k] for k in keys if k in kept and kept[k].status == "finished"}
+
+    def keep(self, client: Any, futures: dict[str, Any], nbytes: int) -> None:
+        self._by_client[client.id] = dict(futures)  # the previous ones are released
+        self._nbytes[client.id] = nbytes
+
+    def summary(self, client: Any) -> tuple[int, int]:
+        """(arrays, bytes per worker) kept on the cluster of ``client``."""
+        return len(self._by_client.get(client.id, {})), self._nbytes.get(client.id, 0)
+
+    def forget(self, client: Any | None = None) -> None:
+        if client is None:
+            self._by_client.clear()
+            self._nbytes.clear()
+        else:
+            self._by_client.pop(client.id, None)
+            self._nbytes.pop(client.id, None)
+
+
+kept_arrays = _KeptArrays()
 
 
 def _on_progress(event: Any) -> None:
@@ -131,6 +188,7 @@ class DaskCall:
         self.workers = max(1, sum(self.client.nthreads().values()))
         self.futures: list[Any] = []
         self.scattered: list[Any] = []
+        self.sent_bytes = 0  # what _scatter sent to each worker this call
         self.chunks: list[tuple[int, int]] = []
         self.partial: dict[int, int] = {}
         self.finished: dict[int, ChunkResult] = {}
@@ -164,16 +222,26 @@ class DaskCall:
         return _stack_or_list(values)
 
     def _scatter(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        """Send payload and arrays to every worker once; futures of them."""
+        """Send payload and arrays to every worker once; futures of them.
+
+        Arrays an earlier call left on the cluster with the same content are
+        not sent again.
+        """
         client = self.client
         payload = client.scatter(self.payload, broadcast=True, hash=False)
         self.scattered.append(payload)
-        futures: dict[str, dict[str, Any]] = {}
-        for name, table in (("arrays", self.arrays), ("outs", self.outs)):
-            wrapped = {key: dask_worker.Aligned(arr) for key, arr in table.items()}
-            futures[name] = client.scatter(wrapped, broadcast=True, hash=False) if table else {}
-            self.scattered.extend(futures[name].values())
-        return payload, futures["arrays"], futures["outs"]
+        arrays = kept_arrays.reusable(client, list(self.arrays))
+        missing = {k: dask_worker.Aligned(a) for k, a in self.arrays.items() if k not in arrays}
+        if missing:
+            arrays.update(client.scatter(missing, broadcast=True, hash=False))
+        self.sent_bytes = len(self.payload) + sum(self.arrays[k].nbytes for k in missing)
+        kept_arrays.keep(client, arrays, sum(a.nbytes for a in self.arrays.values()))
+        self.scattered.extend(arrays.values())
+        outs = {k: dask_worker.Aligned(a) for k, a in self.outs.items()}
+        out_futures = client.scatter(outs, broadcast=True, hash=False) if outs else {}
+        self.sent_bytes += sum(a.nbytes for a in self.outs.values())
+        self.scattered.extend(out_futures.values())
+        return payload, arrays, out_futures
 
     def _submit(self, chunk_numbers: Any, payload: Any, arrays: dict, outs: dict) -> list[Any]:
         submitted = []
@@ -293,13 +361,16 @@ class DaskCall:
             dask_cluster.stop_stuck(self.client, self.call_id, grace=CANCEL_GRACE)
 
     def release(self) -> None:
-        """Forget the call: its data leaves the workers' memory."""
+        """Forget the call: its payload, chunks and outputs leave the workers'
+        memory; its big inputs stay until a call does not need them."""
         _active.pop(self.call_id, None)
         with contextlib.suppress(Exception):
             self.client.run(dask_worker.end_call, self.call_id, wait=False)
+        kept = {id(f) for f in kept_arrays.reusable(self.client, list(self.arrays)).values()}
         for fut in self.futures + self.scattered:
-            with contextlib.suppress(Exception):
-                fut.release()
+            if id(fut) not in kept:  # shared with kept_arrays: dropped, never released
+                with contextlib.suppress(Exception):
+                    fut.release()
         self.futures.clear()
         self.scattered.clear()
 

@@ -114,6 +114,47 @@ def test_big_array_reaches_each_worker_once_read_only(client):
     assert after == before  # no worker fetched the data from another: the broadcast did it
 
 
+def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
+    """Big inputs stay on the cluster between calls, named by content: the
+    next call with the same x sends nothing but the payload; after an
+    in-place change, x is sent again and the results see the change."""
+    from shm_kernel_safe.dask_runner import DaskCall, kept_arrays
+
+    x = X + 1.0  # content no earlier test sent
+
+    def run() -> tuple[np.ndarray, int]:
+        call = DaskCall(
+            lambda nn: hourly_calc(x, nn),
+            range(HOURS),
+            client=None,
+            processes=None,
+            chunksize=None,
+            timeout=None,
+            threshold=sks.sharing.DEFAULT_THRESHOLD,
+            force=(),
+            out=(),
+            progress=None,
+        )
+        try:
+            return call.run(), call.sent_bytes
+        finally:
+            call.release()
+
+    first, sent = run()
+    assert sent >= x.nbytes
+    again, sent = run()
+    assert sent < 100_000 and np.array_equal(again, first)  # the payload only
+    assert kept_arrays.summary(client) == (1, x.nbytes)
+    x[1234, 5] += 1.0  # in place: same object, same id, same address
+    changed, sent = run()
+    assert sent >= x.nbytes
+    expected = np.array([hourly_calc(x, n) for n in range(HOURS)])
+    assert np.array_equal(changed, expected) and not np.array_equal(changed, first)
+    # a call without big arrays releases what the cluster kept
+    sks.parallel_map(abs, range(10), backend="dask")
+    assert kept_arrays.summary(client) == (0, 0)
+
+
 def test_task_error_names_item_and_remote_traceback(client):
     def cell(nn):
         if nn == 42:
