@@ -9,6 +9,7 @@ stays).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from . import pool, stdlib_patch
@@ -43,6 +44,9 @@ def unload_ipython_extension(shell: Any) -> None:
     if state["we_protected"]:
         stdlib_patch.unprotect()
     pool.shutdown_all()
+    dask = sys.modules.get("shm_kernel_safe.dask_cluster")
+    if dask is not None:  # our LocalCluster, clients we opened, arrays kept on clusters
+        dask.close_all()
     unhook_kernel_shutdown()
 
 
