@@ -39,7 +39,8 @@ import bench_hourly
 
 import shm_kernel_safe as sks
 from shm_kernel_safe import dask_cluster
-from shm_kernel_safe.dask_runner import DaskCall, content_digest
+from shm_kernel_safe.dask_kept import content_name
+from shm_kernel_safe.dask_runner import DaskCall
 from shm_kernel_safe.dask_worker import Aligned, DaskChunk
 
 cloudpickle.register_pickle_by_value(bench_hourly)
@@ -122,7 +123,7 @@ def main() -> None:
     def scatter_x():
         client.scatter(Aligned(x), broadcast=True, hash=False).release()
 
-    digest_s, _ = bench_hourly.timed(lambda: content_digest(x), R)
+    digest_s, _ = bench_hourly.timed(lambda: content_name(x), R)
 
     empty_local, _ = bench_hourly.timed(
         lambda: sks.parallel_map(int, range(N_TASKS), processes=P), R

@@ -238,14 +238,14 @@ def describe() -> list[str]:
                 continue
             has_bokeh = importlib.util.find_spec("bokeh") is not None
             dash = c.dashboard_link if has_bokeh else None
-            runner = sys.modules.get("shm_kernel_safe.dask_runner")
-            n_kept, kept_bytes = runner.kept_arrays.summary(c) if runner else (0, 0)
+            kept = sys.modules.get("shm_kernel_safe.dask_kept")
+            n_kept, kept_bytes = kept.kept_arrays.summary(c) if kept else (0, 0)
             lines.append(
                 f"  {label} at {c.scheduler.address}: {len(workers)} workers"
                 + (f", pids {pids}" if pids else "")
                 + (f", dashboard {dash}" if dash else "")
                 + (
-                    f"; keeps {n_kept} array(s) of the last run, "
+                    f"; keeps {n_kept} input array(s) for later runs, "
                     f"{human_bytes(kept_bytes)} per worker"
                     if n_kept
                     else ""
@@ -255,9 +255,9 @@ def describe() -> list[str]:
 
 
 def _forget_kept(client: Any) -> None:
-    runner = sys.modules.get("shm_kernel_safe.dask_runner")
-    if runner is not None and client is not None:
-        runner.kept_arrays.forget(client)
+    kept = sys.modules.get("shm_kernel_safe.dask_kept")
+    if kept is not None and client is not None:
+        kept.kept_arrays.forget(client)
 
 
 def close_local() -> None:
@@ -278,9 +278,9 @@ def close_all() -> None:
     """Close our cluster and disconnect from schedulers we connected to;
     release what runs left on clusters given to us as Clients."""
     close_local()
-    runner = sys.modules.get("shm_kernel_safe.dask_runner")
-    if runner is not None:
-        runner.kept_arrays.forget()
+    kept = sys.modules.get("shm_kernel_safe.dask_kept")
+    if kept is not None:
+        kept.kept_arrays.forget()
     with _lock:
         clients = list(_connected.values())
         _connected.clear()

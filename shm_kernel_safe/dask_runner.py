@@ -19,7 +19,6 @@ cannot cross machines, so:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import threading
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import dask_cluster, dask_worker
 from .chunking import guided_chunks
+from .dask_kept import content_name, kept_arrays
 from .errors import DaskBackendError, ParallelTimeoutError, WorkerDiedError
 from .runner import _short_repr, _stack_or_list, _task_error, _unpicklable_error
 from .sharing import ArrayPickler
@@ -74,65 +74,13 @@ class _ScatterPickler(ArrayPickler):
         key = self._keys.get(id(arr))
         if key is None:
             # Read-only inputs are named by content, so an unchanged array is
-            # found on the cluster by the next call; outputs change, so not.
-            if kind == "arr":
-                key = f"sks-{content_digest(arr)}"
-            else:
-                key = f"{self.prefix}-out{len(table)}"
+            # found on the cluster by the next call (see dask_kept); outputs
+            # change, so not.
+            out_key = f"{self.prefix}-out{len(table)}"
+            key = content_name(arr) if kind == "arr" else out_key
             self._keys[id(arr)] = key
             table[key] = arr
         return key
-
-
-def content_digest(arr: np.ndarray) -> str:
-    """What an array holds: dtype, shape and a SHA-1 of its bytes.
-
-    SHA-1 (hardware-accelerated here: 83 ms for 122 MB) costs a fraction of
-    sending the array to the workers (383-867 ms for 2 local workers, W
-    times the array through the scheduler on a real cluster), and it sees
-    any in-place change, where an id or a sampled checksum would not.
-    """
-    data = np.ascontiguousarray(arr)
-    digest = hashlib.sha1(memoryview(data).cast("B")).hexdigest()
-    shape = "x".join(map(str, arr.shape))
-    return f"{arr.dtype.str.strip('<>|=')}-{shape}-{digest}"
-
-
-class _KeptArrays:
-    """Big arrays left on a cluster by the last call, by content key.
-
-    A call reuses those it needs (no transfer at all) and scatters the rest;
-    what it does not use is released, so a cluster keeps at most one call's
-    arrays between calls, as our local workers keep the segments a kernel
-    still holds.
-    """
-
-    def __init__(self) -> None:
-        self._by_client: dict[str, dict[str, Any]] = {}
-        self._nbytes: dict[str, int] = {}
-
-    def reusable(self, client: Any, keys: list[str]) -> dict[str, Any]:
-        kept = self._by_client.get(client.id, {})
-        return {k: kept[k] for k in keys if k in kept and kept[k].status == "finished"}
-
-    def keep(self, client: Any, futures: dict[str, Any], nbytes: int) -> None:
-        self._by_client[client.id] = dict(futures)  # the previous ones are released
-        self._nbytes[client.id] = nbytes
-
-    def summary(self, client: Any) -> tuple[int, int]:
-        """(arrays, bytes per worker) kept on the cluster of ``client``."""
-        return len(self._by_client.get(client.id, {})), self._nbytes.get(client.id, 0)
-
-    def forget(self, client: Any | None = None) -> None:
-        if client is None:
-            self._by_client.clear()
-            self._nbytes.clear()
-        else:
-            self._by_client.pop(client.id, None)
-            self._nbytes.pop(client.id, None)
-
-
-kept_arrays = _KeptArrays()
 
 
 def _on_progress(event: Any) -> None:
@@ -187,7 +135,8 @@ class DaskCall:
         self.client = dask_cluster.get_client(client, processes)
         self.workers = max(1, sum(self.client.nthreads().values()))
         self.futures: list[Any] = []
-        self.scattered: list[Any] = []
+        self.scattered: list[Any] = []  # payload and outputs: released with the call
+        self.inputs: list[Any] = []  # big inputs: left to dask_kept
         self.sent_bytes = 0  # what _scatter sent to each worker this call
         self.chunks: list[tuple[int, int]] = []
         self.partial: dict[int, int] = {}
@@ -224,23 +173,36 @@ class DaskCall:
     def _scatter(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Send payload and arrays to every worker once; futures of them.
 
-        Arrays an earlier call left on the cluster with the same content are
-        not sent again.
+        Inputs an earlier run left on the cluster with the same content are
+        not sent again (``dask_kept``). Each scatter gets fresh dask keys:
+        re-using a key the scheduler is still forgetting is asking for a race.
         """
         client = self.client
         payload = client.scatter(self.payload, broadcast=True, hash=False)
         self.scattered.append(payload)
-        arrays = kept_arrays.reusable(client, list(self.arrays))
-        missing = {k: dask_worker.Aligned(a) for k, a in self.arrays.items() if k not in arrays}
+        arrays: dict[str, Any] = {}
+        missing: dict[str, str] = {}  # fresh dask key -> content name
+        for name in self.arrays:
+            found = kept_arrays.lookup(client, name)
+            if found is not None:
+                arrays[name] = found
+            else:
+                missing[f"sks-{self.call_id}-in{len(missing)}"] = name
         if missing:
-            arrays.update(client.scatter(missing, broadcast=True, hash=False))
-        self.sent_bytes = len(self.payload) + sum(self.arrays[k].nbytes for k in missing)
-        kept_arrays.keep(client, arrays, sum(a.nbytes for a in self.arrays.values()))
-        self.scattered.extend(arrays.values())
+            wrapped = {key: dask_worker.Aligned(self.arrays[n]) for key, n in missing.items()}
+            futures = client.scatter(wrapped, broadcast=True, hash=False)
+            for key, name in missing.items():
+                arrays[name] = futures[key]
+                kept_arrays.add(client, name, self.arrays[name], futures[key])
+        self.inputs = list(arrays.values())  # kept by dask_kept, never released here
         outs = {k: dask_worker.Aligned(a) for k, a in self.outs.items()}
         out_futures = client.scatter(outs, broadcast=True, hash=False) if outs else {}
-        self.sent_bytes += sum(a.nbytes for a in self.outs.values())
         self.scattered.extend(out_futures.values())
+        self.sent_bytes = (
+            len(self.payload)
+            + sum(self.arrays[n].nbytes for n in missing.values())
+            + sum(a.nbytes for a in self.outs.values())
+        )
         return payload, arrays, out_futures
 
     def _submit(self, chunk_numbers: Any, payload: Any, arrays: dict, outs: dict) -> list[Any]:
@@ -297,7 +259,7 @@ class DaskCall:
             return
         chunk = _chunk_of(fut.key, self.chunks)
         if fut.status == "cancelled":
-            if any(f.status != "finished" for f in self.scattered):
+            if any(f.status != "finished" for f in self.scattered + self.inputs):
                 raise self._data_lost() from None
             raise DaskBackendError(
                 "the dask tasks of this call were cancelled (was the cluster restarted or closed?)"
@@ -366,13 +328,12 @@ class DaskCall:
         _active.pop(self.call_id, None)
         with contextlib.suppress(Exception):
             self.client.run(dask_worker.end_call, self.call_id, wait=False)
-        kept = {id(f) for f in kept_arrays.reusable(self.client, list(self.arrays)).values()}
         for fut in self.futures + self.scattered:
-            if id(fut) not in kept:  # shared with kept_arrays: dropped, never released
-                with contextlib.suppress(Exception):
-                    fut.release()
+            with contextlib.suppress(Exception):
+                fut.release()
         self.futures.clear()
         self.scattered.clear()
+        self.inputs.clear()  # dropped, not released: dask_kept may keep them
 
     # -- progress ----------------------------------------------------------
     def _subscribe(self) -> None:

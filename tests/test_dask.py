@@ -4,6 +4,7 @@ local backend; errors, dead workers, timeouts, interrupts, bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -114,11 +115,19 @@ def test_big_array_reaches_each_worker_once_read_only(client):
     assert after == before  # no worker fetched the data from another: the broadcast did it
 
 
+def keys_on_cluster(client) -> set:
+    """Keys held by any worker."""
+    return {k for keys in client.has_what().values() for k in keys}
+
+
 def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
     """Big inputs stay on the cluster between calls, named by content: the
     next call with the same x sends nothing but the payload; after an
     in-place change, x is sent again and the results see the change."""
-    from shm_kernel_safe.dask_runner import DaskCall, kept_arrays
+    import gc
+
+    from shm_kernel_safe.dask_kept import kept_arrays
+    from shm_kernel_safe.dask_runner import DaskCall
 
     x = X + 1.0  # content no earlier test sent
 
@@ -140,19 +149,29 @@ def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
         finally:
             call.release()
 
+    n0, bytes0 = kept_arrays.summary(client)  # X, kept by earlier tests: it is alive
+    inputs_before = keys_on_cluster(client)
     first, sent = run()
     assert sent >= x.nbytes
     again, sent = run()
     assert sent < 100_000 and np.array_equal(again, first)  # the payload only
-    assert kept_arrays.summary(client) == (1, x.nbytes)
+    assert kept_arrays.summary(client) == (n0 + 1, bytes0 + x.nbytes)
     x[1234, 5] += 1.0  # in place: same object, same id, same address
     changed, sent = run()
     assert sent >= x.nbytes
     expected = np.array([hourly_calc(x, n) for n in range(HOURS)])
     assert np.array_equal(changed, expected) and not np.array_equal(changed, first)
-    # a call without big arrays releases what the cluster kept
-    sks.parallel_map(abs, range(10), backend="dask")
-    assert kept_arrays.summary(client) == (0, 0)
+    assert kept_arrays.summary(client) == (n0 + 1, bytes0 + x.nbytes)  # stale one replaced
+
+    held = {k for k in keys_on_cluster(client) if "-in" in str(k)} - inputs_before
+    assert held  # x, on the workers
+    x = None  # the kernel lets go of x: the cluster copy goes too
+    gc.collect()
+    assert kept_arrays.summary(client) == (n0, bytes0)
+    deadline = time.monotonic() + 5
+    while held & keys_on_cluster(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not held & keys_on_cluster(client)
 
 
 def test_task_error_names_item_and_remote_traceback(client):
@@ -488,6 +507,22 @@ def test_cell_magic_on_dask_in_a_real_kernel():
             )
             assert "Traceback" not in res["stderr"], res["stderr"]
         assert km.is_alive()
+
+        # %unload_ext stops our cluster now, not at kernel shutdown
+        pids = json.loads(
+            evaluate(
+                kc,
+                "__import__('json').dumps(list(dask_cluster._local['client']"
+                ".run(__import__('os').getpid).values()))",
+            ).strip("'")
+        )
+        assert len(pids) == 2
+        execute(kc, "%unload_ext shm_kernel_safe")
+        assert evaluate(kc, "len(dask_cluster._local)") == "0"
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(psutil.pid_exists(p) for p in pids)
 
 
 def test_cell_magic_on_dask_in_a_spyder_console():
