@@ -61,6 +61,8 @@ DASK_ORDER = [
 
 
 def dask_cell(run: dict, name: str) -> str:
+    if name not in run["times"]:
+        return "(not run)"
     t = run["times"][name]
     local = run["times"]["local backend, x auto-shared per call"]
     return f"{t:.2f} s ({local / t:.2f} of local, {run['overhead_us'][name]:.0f} us/task)"
