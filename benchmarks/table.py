@@ -73,7 +73,7 @@ def dask_summary(run: dict) -> str:
         f"{run['chunks']} dask tasks for 8760 items; {run['empty_dask_ms']:.0f} ms for 8760 "
         f"empty items (local {run['empty_local_ms']:.0f} ms); sending x to the workers "
         f"{run['scatter_x_ms']:.0f} ms, hashing it {run['digest_x_ms']:.0f} ms; "
-        f"{run['bytes_per_worker_per_call'] / 2**20:.1f} MiB per worker per call, "
+        f"{run['bytes_per_worker_per_call'] / 2**20:.1f} MiB per worker when x is sent, "
         f"~{run['bytes_per_task_out']} B per task out, ~{run['bytes_per_item_back']:.0f} B "
         f"per item back; cluster start {run['cluster_start_s']:.1f} s"
     )
