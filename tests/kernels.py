@@ -15,6 +15,19 @@ from typing import Any
 
 from jupyter_client.manager import KernelManager
 
+#: The weather scenario's definitions, as a notebook's first cells make them.
+WEATHER_DEFS = """
+import numpy as np
+x = np.random.default_rng(3).standard_normal((50_000, 16))   # 6.4 MB, shared
+y = np.zeros(500)
+y_id = id(y)
+class Weights:
+    def __init__(self):
+        self.w = np.linspace(0, 1, 16)
+def hourly_calc(x, nn):
+    return float((x[nn * 100:(nn + 1) * 100] @ Weights().w).sum())
+"""
+
 
 @contextlib.contextmanager
 def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None):

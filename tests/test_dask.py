@@ -416,19 +416,6 @@ print("pids", *dask_cluster._local["client"].run(os.getpid).values(), flush=True
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 
 
-KERNEL_DEFS = """
-import numpy as np
-x = np.random.default_rng(3).standard_normal((50_000, 16))   # 6.4 MB: scattered
-y = np.zeros(500)
-y_id = id(y)
-class Weights:
-    def __init__(self):
-        self.w = np.linspace(0, 1, 16)
-def hourly_calc(x, nn):
-    return float((x[nn * 100:(nn + 1) * 100] @ Weights().w).sum())
-"""
-
-
 def test_cell_magic_on_dask_in_a_real_kernel():
     """%%shm_parallel --backend dask in ipykernel: our LocalCluster started
     on first use and shown by %shm_status, --out into the same array object,
@@ -436,7 +423,7 @@ def test_cell_magic_on_dask_in_a_real_kernel():
     one-line UsageErrors; the kernel shuts down leaving no process."""
     import distributed
 
-    from .kernels import evaluate, execute, kernel
+    from .kernels import WEATHER_DEFS, evaluate, execute, kernel
 
     with (
         distributed.LocalCluster(
@@ -449,7 +436,7 @@ def test_cell_magic_on_dask_in_a_real_kernel():
         kernel("ipykernel") as (km, kc),
     ):
         execute(kc, "%load_ext shm_kernel_safe")
-        execute(kc, KERNEL_DEFS)
+        execute(kc, WEATHER_DEFS)
         res = execute(
             kc,
             "%%shm_parallel nn in range(500) --out y -r r --backend dask -n 2 --progress none\n"
@@ -531,13 +518,13 @@ def test_cell_magic_on_dask_in_a_spyder_console():
     our cluster (the harness checks no process outlives the kernel)."""
     import cloudpickle
 
-    from .kernels import SpyderFrontend, evaluate, execute, kernel
+    from .kernels import WEATHER_DEFS, SpyderFrontend, evaluate, execute, kernel
 
     with kernel("spyder") as (km, kc):
         spyder = SpyderFrontend(kc)
         spyder.configure_view(minmax=True)
         execute(kc, "%load_ext shm_kernel_safe")
-        execute(kc, KERNEL_DEFS)
+        execute(kc, WEATHER_DEFS)
         res = execute(
             kc,
             "%%shm_parallel nn in range(500) --out y --backend dask -n 2\n"

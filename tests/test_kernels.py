@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .helpers import shm_entries
-from .kernels import SpyderFrontend, evaluate, execute, kernel
+from .kernels import WEATHER_DEFS, SpyderFrontend, evaluate, execute, kernel
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -148,24 +148,11 @@ def test_jupyterlab_variable_inspector(loaded):
             assert _wait_dead(km), "without the extension this read must crash the kernel"
 
 
-NOTEBOOK_DEFS = """
-import numpy as np
-x = np.random.default_rng(3).standard_normal((50_000, 16))   # 6.4 MB, shared
-y = np.zeros(500)
-y_id = id(y)
-class Weights:
-    def __init__(self):
-        self.w = np.linspace(0, 1, 16)
-def hourly_calc(x, nn):
-    return float((x[nn * 100:(nn + 1) * 100] @ Weights().w).sum())
-"""
-
-
 def test_cell_magic_in_kernel_under_spawn():
     before = shm_entries()
     with kernel("ipykernel") as (_km, client):
         execute(client, "%load_ext shm_kernel_safe")
-        execute(client, NOTEBOOK_DEFS)
+        execute(client, WEATHER_DEFS)
         res = execute(
             client,
             "%%shm_parallel nn in range(500) --out y -r r --start-method spawn"
