@@ -108,37 +108,32 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
                 cluster.scale(wanted)  # -n changed between cells
             # Workers killed by the last call are restarting: wait for them,
             # or this call's data would reach only the survivors.
-            client.wait_for_workers(len(cluster.worker_spec), timeout=WORKER_START_TIMEOUT)
+            wanted = len(cluster.worker_spec)
+            try:
+                client.wait_for_workers(wanted, timeout=WORKER_START_TIMEOUT)
+            except Exception as exc:
+                raise DaskBackendError(
+                    f"the local dask cluster did not get back to {wanted} workers within "
+                    f"{WORKER_START_TIMEOUT:.0f} s ({type(exc).__name__}); see %shm_status, "
+                    f"or %unload_ext and %load_ext shm_kernel_safe to start afresh"
+                ) from None
             return client
         close_local()
         _main_free_worker_starts(True)
-        # The Active Memory Manager would drop the replicas a broadcast made
-        # (no task waits on them between chunks) and workers would fetch
-        # big arrays again, and a single death could lose scattered data.
         path_before = list(sys.path)
-        with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
-            cluster = distributed.LocalCluster(
-                n_workers=wanted,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                # the scheduler's HTTP server (dashboard when bokeh is there,
-                # health and metrics otherwise) also on loopback, any free port
-                dashboard_address="127.0.0.1:0",
-                silence_logs=logging.CRITICAL,  # our errors say what happened
-                # Dask's statistical profiler samples each worker's task
-                # thread 100 times a second, taking the GIL: items ran 20-40%
-                # slower with it (benchmarks/bench_dask.py). Our cluster only
-                # runs our chunks; its dashboard then has no profile page.
-                config=dask.config.merge(
-                    dask.config.config,
-                    {"distributed": {"worker": {"profile": {"enabled": False}}}},
-                ),
-            )
-        # The in-process scheduler puts its scratch directory at the front of
-        # sys.path (for upload_file, which our cluster never serves): keep
-        # the kernel's import path as the user had it.
-        sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
+        try:
+            cluster = _start_local_cluster(distributed, dask, wanted)
+        except Exception as exc:
+            _main_free_worker_starts(False)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DaskBackendError(
+                f"could not start a local dask cluster of {wanted} workers: {reason}"
+            ) from None
+        finally:
+            # The in-process scheduler puts its scratch directory at the front
+            # of sys.path (for upload_file, which our cluster never serves):
+            # keep the kernel's import path as the user had it.
+            sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
         client = distributed.Client(cluster, set_as_default=False)
         from .dask_worker import MallocTuning
 
@@ -146,6 +141,34 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
         _local.update(cluster=cluster, client=client)
     hook_kernel_shutdown()
     return client
+
+
+def _start_local_cluster(distributed: Any, dask: Any, n_workers: int) -> Any:
+    """Our LocalCluster: worker processes on loopback, tuned for our chunks.
+
+    Without the Active Memory Manager: it would drop the replicas a broadcast
+    made (no task waits on them between chunks), workers would fetch big
+    arrays again, and a single death could lose scattered data.
+    """
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        return distributed.LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            # the scheduler's HTTP server (dashboard when bokeh is there,
+            # health and metrics otherwise) also on loopback, any free port
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.CRITICAL,  # our errors say what happened
+            # Dask's statistical profiler samples each worker's task
+            # thread 100 times a second, taking the GIL: items ran 20-40%
+            # slower with it (benchmarks/bench_dask.py). Our cluster only
+            # runs our chunks; its dashboard then has no profile page.
+            config=dask.config.merge(
+                dask.config.config,
+                {"distributed": {"worker": {"profile": {"enabled": False}}}},
+            ),
+        )
 
 
 def _main_free_worker_starts(on: bool) -> None:
