@@ -21,7 +21,6 @@ what decides how the backend scales with workers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import json
@@ -49,12 +48,7 @@ work = bench_hourly.work
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--mode", choices=["ms", "tiny"], default="ms")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--json", help="also write the results to this file")
+    parser = bench_hourly.workload_args(__doc__.splitlines()[0])
     parser.add_argument(
         "--skip-naive",
         action="store_true",
@@ -147,14 +141,7 @@ def main() -> None:
     call = DaskCall(
         fn,
         range(N_TASKS),
-        client=None,
         processes=P,
-        chunksize=None,
-        timeout=None,
-        threshold=sks.sharing.DEFAULT_THRESHOLD,
-        force=(),
-        out=(),
-        progress=None,
     )
     try:
         call.run()

@@ -123,13 +123,19 @@ def shm_bytes() -> int:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_args(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark of the hourly workload takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--mode", choices=["ms", "tiny"], default="ms")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def main() -> None:
+    parser = workload_args(__doc__.splitlines()[0])
     args = parser.parse_args()
     P, R = args.processes, args.repeats
     shm_before = shm_bytes()

@@ -83,29 +83,26 @@ def _head(run: dict) -> str:
     return f"{run['rows']:,} rows, {'~20 us' if run['mode'] == 'tiny' else '~1 ms'} tasks"
 
 
+def render(runs: list[dict], order: list[str], cell_of, summary_of) -> None:
+    heads = [_head(r) for r in runs]
+    print("| contender | " + " | ".join(heads) + " |")
+    print("| --- |" + " --- |" * len(runs))
+    for name in order:
+        print(f"| {name} | " + " | ".join(cell_of(r, name) for r in runs) + " |")
+    print()
+    for run, head in zip(runs, heads, strict=True):
+        print(f"* {head}: {summary_of(run)}")
+
+
 def main(paths: list[str]) -> None:
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
     if all("dask_vs_local" in r for r in runs):  # benchmarks/bench_dask.py results
-        heads = [_head(r) for r in runs]
-        print("| contender | " + " | ".join(heads) + " |")
-        print("| --- |" + " --- |" * len(runs))
-        for name in DASK_ORDER:
-            print(f"| {name} | " + " | ".join(dask_cell(r, name) for r in runs) + " |")
-        print()
-        for run, head in zip(runs, heads, strict=True):
-            print(f"* {head}: {dask_summary(run)}")
-        return
-    heads = [_head(r) for r in runs]
-    print("| contender | " + " | ".join(heads) + " |")
-    print("| --- |" + " --- |" * len(runs))
-    for name in ORDER:
-        print(f"| {name} | " + " | ".join(cell(r, name) for r in runs) + " |")
-    print()
-    for run, head in zip(runs, heads, strict=True):
-        print(f"* {head}: {summary(run)}")
+        render(runs, DASK_ORDER, dask_cell, dask_summary)
+    else:
+        render(runs, ORDER, cell, summary)
 
 
 if __name__ == "__main__":

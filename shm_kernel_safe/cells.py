@@ -130,8 +130,8 @@ def _free_names(module: ast.Module) -> list[str]:
     return sorted(names - {FUNC_NAME, ITEM_NAME})
 
 
-def resolve(cell_fn: CellFunction, user_ns: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """Build the function, its globals taken from ``user_ns`` (+ ``overrides``).
+def resolve(cell_fn: CellFunction, user_ns: dict[str, Any]) -> Any:
+    """Build the function, its globals taken from ``user_ns``.
 
     Only the names the cell uses are captured, so cloudpickle sends just
     those; anything not found is a usage error before any process starts.
@@ -139,9 +139,7 @@ def resolve(cell_fn: CellFunction, user_ns: dict[str, Any], overrides: dict[str,
     namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": "__shm_parallel__"}
     missing = []
     for name in cell_fn.free_names:
-        if name in overrides:
-            namespace[name] = overrides[name]
-        elif name in user_ns:
+        if name in user_ns:
             namespace[name] = user_ns[name]
         elif not hasattr(builtins, name):
             missing.append(name)

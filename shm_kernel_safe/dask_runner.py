@@ -32,8 +32,9 @@ from . import dask_cluster, dask_worker
 from .chunking import guided_chunks
 from .dask_kept import content_name, kept_arrays
 from .errors import DaskBackendError, ParallelTimeoutError, WorkerDiedError
+from .progress import ThrottledReport
 from .runner import _short_repr, _stack_or_list, _task_error, _unpicklable_error
-from .sharing import ArrayPickler
+from .sharing import DEFAULT_THRESHOLD, ArrayPickler
 from .worker import ChunkResult, Payload
 
 #: Work per chunk below which dask's per-task cost (~1 ms) starts to show.
@@ -99,14 +100,14 @@ class DaskCall:
         fn: Callable[[Any], Any],
         seq: Any,
         *,
-        client: Any,
-        processes: int | None,
-        chunksize: int | None,
-        timeout: float | None,
-        threshold: int,
-        force: tuple[Any, ...],
-        out: tuple[np.ndarray, ...],
-        progress: Callable[[int, int], None] | None,
+        client: Any = None,
+        processes: int | None = None,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        threshold: int = DEFAULT_THRESHOLD,
+        force: tuple[Any, ...] = (),
+        out: tuple[np.ndarray, ...] = (),
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         dask_cluster.import_distributed()  # before any work: a one-line error
         self.n = len(seq)
@@ -114,7 +115,6 @@ class DaskCall:
         self.chunksize = chunksize
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.progress = progress
         self.call_id = uuid.uuid4().hex
         self.fn = fn
         buf = io.BytesIO()
@@ -141,7 +141,7 @@ class DaskCall:
         self.chunks: list[tuple[int, int]] = []
         self.partial: dict[int, int] = {}
         self.finished: dict[int, ChunkResult] = {}
-        self._last_progress = 0.0
+        self.show_progress = ThrottledReport(progress, self.n, self._done)
 
     # -- the call ----------------------------------------------------------
     def run(self) -> np.ndarray | list:
@@ -161,7 +161,7 @@ class DaskCall:
                 self.n, self.workers, chunksize=self.chunksize, first=1, min_chunk=floor
             )
             self._wait(self._submit(range(1, len(self.chunks)), payload, arrays, outs))
-        self._report_progress(force=True)
+        self.show_progress(force=True)
         values: list = []
         for c in range(len(self.chunks)):
             res = self.finished[c]
@@ -240,7 +240,7 @@ class DaskCall:
                 for fut in [f for f in pending if f.done()]:
                     pending.discard(fut)
                     self._collect(fut)
-                self._report_progress()
+                self.show_progress()
                 if pending and self.deadline is not None and time.monotonic() >= self.deadline:
                     raise ParallelTimeoutError(
                         f"parallel_map did not finish within {self.timeout} s "
@@ -346,14 +346,6 @@ class DaskCall:
     def _done(self) -> int:
         done = sum(res.done for res in self.finished.values())
         return done + sum(n for c, n in list(self.partial.items()) if c not in self.finished)
-
-    def _report_progress(self, force: bool = False) -> None:
-        if self.progress is None:
-            return
-        now = time.monotonic()
-        if force or now - self._last_progress >= 0.1:
-            self._last_progress = now
-            self.progress(min(self._done(), self.n), self.n)
 
 
 def _span(start: int, stop: int) -> str:

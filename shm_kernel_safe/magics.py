@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from . import cells, janitor, pool, segments
 from .arrays import handle_of, label, share
 from .errors import DaskBackendError, human_bytes
-from .progress import PROGRESS_MODES, make_progress
+from .progress import PROGRESS_MODES
 from .runner import parallel_map
 from .sharing import DEFAULT_THRESHOLD
 
@@ -162,11 +162,10 @@ class ShmMagics(Magics):
                 raise cells.CellSyntaxError(
                     f"--result {args.result}: the cell must end with an expression to gather"
                 )
-            fn = cells.resolve(cell_fn, ns, {})
+            fn = cells.resolve(cell_fn, ns)
         except cells.CellSyntaxError as exc:
             raise UsageError(str(exc)) from None
 
-        progress = make_progress(args.progress)
         try:
             result = parallel_map(
                 fn,
@@ -178,20 +177,12 @@ class ShmMagics(Magics):
                 share_threshold=DEFAULT_THRESHOLD,
                 share=forced,
                 out=outs,
-                progress=progress,
+                progress=args.progress,
                 backend=backend,
                 client=client,
             )
         except DaskBackendError as exc:
-            if progress is not None:
-                progress.close(error=exc)
             raise UsageError(str(exc)) from None
-        except BaseException as exc:
-            if progress is not None:
-                progress.close(error=exc)
-            raise
-        if progress is not None:
-            progress.close()
         if args.result is not None:
             ns[args.result] = result
         return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 PROGRESS_MODES = ("auto", "widget", "text", "none")
@@ -187,3 +188,30 @@ def make_progress(mode: str) -> _Progress | None:
         except ImportError:  # ipywidgets missing: text, and no traceback
             return TextProgress()
     return TextProgress()
+
+
+class ThrottledReport:
+    """Calls ``callback(done, total)`` at most ten times a second.
+
+    Both engines report from their wait loop, which wakes far more often;
+    ``count`` (reading shared counters or summing chunk reports) is only
+    called when a report is due. A None callback makes every call a no-op.
+    """
+
+    EVERY = 0.1
+
+    def __init__(
+        self, callback: Callable[[int, int], None] | None, total: int, count: Callable[[], int]
+    ) -> None:
+        self.callback = callback
+        self.total = total
+        self.count = count
+        self.last = 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= self.EVERY:
+            self.last = now
+            self.callback(min(self.count(), self.total), self.total)

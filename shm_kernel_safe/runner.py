@@ -28,7 +28,7 @@ from .arrays import SharedArray, empty, handle_of, share
 from .chunking import guided_chunks, min_chunk_for
 from .control import ControlBlock
 from .errors import ParallelTimeoutError, TaskError, WorkerDiedError
-from .progress import make_progress
+from .progress import ThrottledReport, make_progress
 from .segments import live_segments, unlink_name
 from .worker import ChunkResult, ChunkTask, Payload, RemoteError, run_chunk
 
@@ -95,45 +95,48 @@ def parallel_map(
         return []
     force = tuple(share)
 
+    # A display made here (progress given as a mode) is ours to close, also
+    # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
-    callback = display if display is not None or isinstance(progress, str) else progress
-    call: _Call | Any
-    if backend == "dask":
-        from .dask_runner import DaskCall
-
-        call = DaskCall(
-            fn,
-            seq,
-            client=client,
-            processes=requested_processes,
-            chunksize=chunksize,
-            timeout=timeout,
-            threshold=share_threshold,
-            force=force,
-            out=outputs,
-            progress=callback,
-        )
-    else:
-        call = _Call(
-            fn,
-            seq,
-            processes,
-            start_method,
-            chunksize,
-            timeout,
-            share_threshold,
-            force,
-            callback,
-            outputs,
-        )
+    callback = display if isinstance(progress, str) else progress
+    call: _Call | Any = None
     try:
+        if backend == "dask":
+            from .dask_runner import DaskCall
+
+            call = DaskCall(
+                fn,
+                seq,
+                client=client,
+                processes=requested_processes,
+                chunksize=chunksize,
+                timeout=timeout,
+                threshold=share_threshold,
+                force=force,
+                out=outputs,
+                progress=callback,
+            )
+        else:
+            call = _Call(
+                fn,
+                seq,
+                processes,
+                start_method,
+                chunksize,
+                timeout,
+                share_threshold,
+                force,
+                callback,
+                outputs,
+            )
         result = call.run()
     except BaseException as exc:
         if display is not None:
             display.close(error=exc)
         raise
     finally:
-        call.release()
+        if call is not None:
+            call.release()
     if display is not None:
         display.close()
     return result
@@ -244,7 +247,6 @@ class _Call:
         self.start_method = start_method
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
-        self.progress = progress
         self.call_id = uuid.uuid4().hex
         self.fn = fn
         self.owned: list[str] = []
@@ -278,7 +280,7 @@ class _Call:
         self.control = _handle(self.ctrl.array, self.owned)
         self.stack_in_place = not few
         self.items = seq
-        self._last_progress = 0.0
+        self.show_progress = ThrottledReport(progress, self.n, self.ctrl.done)
 
     def _max_chunks(self) -> int:
         if self.chunksize is not None:
@@ -318,7 +320,7 @@ class _Call:
         futures = [executor.submit(run_chunk, self.task(c, out_handle, scalar_type)) for c in rest]
         for res in self._wait(executor, futures):
             results[res.chunk] = res
-        self._report_progress(force=True)
+        self.show_progress(force=True)
         for original, shared in self.copy_back:
             np.copyto(original, shared)
         return self._gather(results)
@@ -366,7 +368,7 @@ class _Call:
                     if res.error is not None:
                         raise _task_error(res.error, self.fn)
                     finished.append(res)
-                self._report_progress()
+                self.show_progress()
                 if pending and self.deadline is not None and time.monotonic() >= self.deadline:
                     raise ParallelTimeoutError(
                         f"parallel_map did not finish within {self.timeout} s "
@@ -410,14 +412,6 @@ class _Call:
             )
             return WorkerDiedError(msg, index, codes)
         return WorkerDiedError(f"a worker process died{how}; the pool was replaced", None, codes)
-
-    def _report_progress(self, force: bool = False) -> None:
-        if self.progress is None:
-            return
-        now = time.monotonic()
-        if force or now - self._last_progress >= 0.1:
-            self._last_progress = now
-            self.progress(min(self.ctrl.done(), self.n), self.n)
 
 
 def _task_error(err: RemoteError, fn: Any) -> TaskError:

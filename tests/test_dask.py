@@ -135,14 +135,6 @@ def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
         call = DaskCall(
             lambda nn: hourly_calc(x, nn),
             range(HOURS),
-            client=None,
-            processes=None,
-            chunksize=None,
-            timeout=None,
-            threshold=sks.sharing.DEFAULT_THRESHOLD,
-            force=(),
-            out=(),
-            progress=None,
         )
         try:
             return call.run(), call.sent_bytes
