@@ -37,10 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_hourly
 
 import shm_kernel_safe as sks
-from shm_kernel_safe import dask_cluster
-from shm_kernel_safe.dask_kept import content_name
-from shm_kernel_safe.dask_runner import DaskCall
-from shm_kernel_safe.dask_worker import Aligned, DaskChunk
+from shm_kernel_safe.engine.run import Run
+from shm_kernel_safe.engine.sharing import DEFAULT_THRESHOLD
+from shm_kernel_safe.engine.transport import Inputs
+from shm_kernel_safe.transports.dask import cluster as dask_cluster
+from shm_kernel_safe.transports.dask.kept import content_name
+from shm_kernel_safe.transports.dask.transport import DaskTransport
+from shm_kernel_safe.transports.dask.worker import Aligned, DaskChunk
 
 cloudpickle.register_pickle_by_value(bench_hourly)
 N_TASKS = bench_hourly.N_TASKS
@@ -138,20 +141,14 @@ def main() -> None:
     scatter_s, _ = bench_hourly.timed(scatter_x, R)
 
     # what one call moves: per worker (payload + arrays, once) and per task
-    call = DaskCall(
-        fn,
-        range(N_TASKS),
-        processes=P,
-    )
+    call = DaskTransport(processes=P)
     try:
-        call.run()
+        Run(fn, range(N_TASKS), call, inputs=Inputs(DEFAULT_THRESHOLD)).execute()
         per_worker = len(call.payload) + sum(a.nbytes for a in call.arrays.values())
         n_chunks = len(call.chunks)
         spec = DaskChunk(call.call_id, 0, 0, 1)
         per_task_out = len(pickle.dumps(spec)) + 3 * 64  # spec + three future keys
-        per_task_back = len(pickle.dumps(call.finished[1])) / (
-            call.chunks[1][1] - call.chunks[1][0]
-        )
+        per_task_back = len(pickle.dumps(call.finished[1])) / call.chunks[1].size
     finally:
         call.release()
     dask_cluster.close_all()

@@ -156,8 +156,8 @@ def main() -> None:
     from joblib import Parallel, delayed
     from joblib.externals.loky import get_reusable_executor
 
-    from shm_kernel_safe import sharing
-    from shm_kernel_safe.progress import TextProgress
+    from shm_kernel_safe.engine import sharing
+    from shm_kernel_safe.engine.progress import TextProgress
 
     ref = np.array([work(x, nn, k) for nn in range(N_TASKS)])
     results: dict[str, list[float]] = {}

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import shm_kernel_safe as sks
-from shm_kernel_safe.inspection import sanitize_namespace
+from shm_kernel_safe.kernel.inspection import sanitize_namespace
 
 
 class Result:

@@ -8,9 +8,14 @@ The library works without IPython: :func:`share`, :func:`empty`,
 from __future__ import annotations
 
 from ._malloc import tune_malloc
-from .arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
+from .api import parallel_map, prestart
 from .errors import (
+    CellSyntaxError,
     DanglingArrayError,
+    DanglingAttributeError,
+    DaskBackendError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     ParallelTimeoutError,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
@@ -18,31 +23,36 @@ from .errors import (
     TaskError,
     WorkerDiedError,
 )
-from .janitor import StaleSegment, cleanup_stale, find_stale
-from .pool import shutdown_all as shutdown_pools
-from .runner import parallel_map, prestart
-from .segments import live_segments
-from .stdlib_patch import is_protected, protect, unprotect
+from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
+from .memory.janitor import StaleSegment, cleanup_stale, find_stale
+from .memory.segments import live_segments
+from .memory.stdlib_patch import is_protected, protect, unprotect
+from .transports.local.pool import shutdown_all as shutdown_pools
 
 __version__ = "0.1.0.dev0"
 
 
 def load_ipython_extension(shell):
     """``%load_ext shm_kernel_safe``: safe close, inspection hooks, magics."""
-    from .extension import load_ipython_extension as load
+    from .kernel.extension import load_ipython_extension as load
 
     load(shell)
 
 
 def unload_ipython_extension(shell):
     """``%unload_ext shm_kernel_safe``: undo exactly what loading did."""
-    from .extension import unload_ipython_extension as unload
+    from .kernel.extension import unload_ipython_extension as unload
 
     unload(shell)
 
 
 __all__ = [
+    "CellSyntaxError",
     "DanglingArrayError",
+    "DanglingAttributeError",
+    "DaskBackendError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "ParallelTimeoutError",
     "SegmentNotFoundError",
     "SharedArray",

@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo(argv[1:])
     if command in ("status", "cleanup"):
-        from . import janitor
         from .errors import human_bytes
+        from .memory import janitor
 
         stale = janitor.cleanup_stale() if command == "cleanup" else janitor.find_stale()
         verb = "removed" if command == "cleanup" else "stale"

@@ -22,10 +22,6 @@ def is_windows(platform: str = sys.platform) -> bool:
     return platform.startswith("win")
 
 
-def is_macos(platform: str = sys.platform) -> bool:
-    return platform == "darwin"
-
-
 def shm_directory(platform: str = sys.platform) -> str | None:
     """The directory that mirrors POSIX shared memory, if the OS has one.
 
@@ -140,3 +136,10 @@ def to_base36(value: int) -> str:
         value, rem = divmod(value, 36)
         out.append(_DIGITS[rem])
     return "".join(reversed(out))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)

@@ -45,7 +45,7 @@ def _safety_check() -> str:
 
 def _made_here(entry: str) -> bool:
     """Whether a /dev/shm entry was made by this process (ours or loky's)."""
-    from .naming import parse_name
+    from .memory.naming import parse_name
 
     parsed = parse_name(entry)
     if parsed is not None:

@@ -40,6 +40,47 @@ class DanglingArrayError(ShmKernelSafeError, ValueError):
     """An operation was attempted on an array whose memory was unmapped."""
 
 
+class DanglingAttributeError(DanglingArrayError, AttributeError):
+    """An attribute of a placeholder for an array whose memory is gone.
+
+    Also an ``AttributeError``, so ``hasattr`` and ``getattr(obj, name,
+    default)`` (which variable explorers use to probe objects) answer
+    normally instead of failing.
+    """
+
+
+class CellSyntaxError(ShmKernelSafeError, ValueError):
+    """A ``%%shm_parallel`` line or cell cannot be understood (a one-line usage error)."""
+
+
+class InvalidArgumentError(ShmKernelSafeError, ValueError):
+    """An argument of :func:`~shm_kernel_safe.parallel_map` is invalid.
+
+    Raised before any process starts. ``argument`` names the parameter
+    (``"out"``, ``"processes"`` ...), ``index`` the position within it for
+    sequences (``out[1]``) and ``problem`` says what is wrong, so a front end
+    (the magic) can restate it in its own terms (``--out y: ...``).
+    """
+
+    def __init__(
+        self,
+        argument: str,
+        problem: str,
+        *,
+        index: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.argument = argument
+        self.index = index
+        self.problem = problem
+        where = argument if index is None else f"{argument}[{index}]"
+        super().__init__(message or f"{where} {problem}")
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (also a ``TypeError``)."""
+
+
 def _human(nbytes: int) -> str:
     value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -51,7 +51,7 @@ def no_leaked_segments():
 def no_orphans(request):
     """Shut warm pools down after the test and check no worker is left."""
     yield
-    mod = sys.modules.get("shm_kernel_safe.pool")
+    mod = sys.modules.get("shm_kernel_safe.transports.local.pool")
     if mod is not None:
         mod.shutdown_all()
     deadline = time.monotonic() + 5
@@ -74,6 +74,6 @@ def no_orphans(request):
 def _ours(entries: set[str], foreign: set[int]) -> set[str]:
     """Drop segments of processes that were unrelated and alive at the start
     (they may die during the test; their segments are not the test's)."""
-    from shm_kernel_safe.naming import parse_name
+    from shm_kernel_safe.memory.naming import parse_name
 
     return {e for e in entries if (p := parse_name(e)) is None or p.pid not in foreign}

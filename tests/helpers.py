@@ -14,7 +14,7 @@ def _owned_segments() -> tuple[dict[str, int], set[int]]:
     this process and its descendants (kernels, workers)."""
     import psutil
 
-    from shm_kernel_safe.naming import parse_name
+    from shm_kernel_safe.memory.naming import parse_name
 
     owners: dict[str, int] = {}
     if os.path.isdir(SHM_DIR):

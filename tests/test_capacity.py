@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe import capacity
+from shm_kernel_safe.memory import capacity
 
 from .helpers import shm_entries
 

@@ -40,7 +40,7 @@ def test_memmap_private_mmap_closed(tmp_path):
 
 
 def test_released_memoryview_and_chains_through_views():
-    from shm_kernel_safe.arrays import chain_end_released
+    from shm_kernel_safe.memory.arrays import chain_end_released
 
     mm = mmap.mmap(-1, 64)
     outer = memoryview(mm)

@@ -19,8 +19,9 @@ import shm_kernel_safe as sks
 
 pytest.importorskip("distributed")
 
-from shm_kernel_safe import dask_cluster, dask_worker
 from shm_kernel_safe.errors import DaskBackendError
+from shm_kernel_safe.transports.dask import cluster as dask_cluster
+from shm_kernel_safe.transports.dask import worker as dask_worker
 
 from .conftest import worker_children
 from .helpers import run_python
@@ -126,20 +127,26 @@ def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
     in-place change, x is sent again and the results see the change."""
     import gc
 
-    from shm_kernel_safe.dask_kept import kept_arrays
-    from shm_kernel_safe.dask_runner import DaskCall
+    from shm_kernel_safe.engine.run import Run
+    from shm_kernel_safe.engine.sharing import DEFAULT_THRESHOLD
+    from shm_kernel_safe.engine.transport import Inputs
+    from shm_kernel_safe.transports.dask.kept import kept_arrays
+    from shm_kernel_safe.transports.dask.transport import DaskTransport
 
     x = X + 1.0  # content no earlier test sent
 
     def run() -> tuple[np.ndarray, int]:
-        call = DaskCall(
+        transport = DaskTransport()
+        run = Run(
             lambda nn: hourly_calc(x, nn),
             range(HOURS),
+            transport,
+            inputs=Inputs(DEFAULT_THRESHOLD),
         )
         try:
-            return call.run(), call.sent_bytes
+            return run.execute(), transport.sent_bytes
         finally:
-            call.release()
+            transport.release()
 
     n0, bytes0 = kept_arrays.summary(client)  # X, kept by earlier tests: it is alive
     inputs_before = keys_on_cluster(client)
@@ -330,7 +337,7 @@ def test_connects_to_a_running_scheduler_by_address(client):
         first = dask_cluster.get_client(other.scheduler_address)
         assert dask_cluster.get_client(other.scheduler_address) is first  # reused
         assert not dask_cluster.is_local(first)
-        assert any(f"scheduler {address}" in line for line in dask_cluster.describe())
+        assert any(f"scheduler {address}" in line for line in dask_cluster.status_lines())
         with distributed.Client(other, set_as_default=False) as mine:
             got = sks.parallel_map(lambda i: i + 0.5, range(10), backend="dask", client=mine)
             assert got.tolist() == [i + 0.5 for i in range(10)]
@@ -390,7 +397,7 @@ try:
 except KeyboardInterrupt:
     print("interrupted after", round(time.monotonic() - t0 - 1.0, 2), flush=True)
 print(sks.parallel_map(cell, range(6), backend="dask", processes=2).tolist(), flush=True)
-from shm_kernel_safe import dask_cluster
+from shm_kernel_safe.transports.dask import cluster as dask_cluster
 print("pids", *dask_cluster._local["client"].run(os.getpid).values(), flush=True)
 """
     proc = run_python(code, timeout=120)
@@ -466,7 +473,8 @@ def test_cell_magic_on_dask_in_a_real_kernel():
         assert evaluate(kc, "t.tolist() == list(range(20))") == "True"
         execute(kc, "c.close()")
 
-        execute(kc, "from shm_kernel_safe import dask_cluster; dask_cluster.CONNECT_TIMEOUT = 2")
+        execute(kc, "from shm_kernel_safe.transports.dask import cluster as dask_cluster")
+        execute(kc, "dask_cluster.CONNECT_TIMEOUT = 2")
         bad = {
             "--scheduler tcp://127.0.0.1:9": "cannot reach the dask scheduler",
             "--backend dask --scheduler tcp://127.0.0.1:9": "cannot reach the dask scheduler",
@@ -479,7 +487,7 @@ def test_cell_magic_on_dask_in_a_real_kernel():
             res = execute(kc, f"%%shm_parallel nn in range(3) {options}\nnn\n")
             assert res["status"] == "error", options
             if options.startswith("--scheduler"):
-                expected = "--scheduler and --client need --backend dask"
+                expected = "--scheduler/--client is for --backend dask"
             assert f"UsageError: {expected}" in res["stderr"] or expected in res["stderr"], (
                 options,
                 res["stderr"],

@@ -1,4 +1,6 @@
-"""parallel_map with real worker processes under every start method."""
+"""The local transport with real worker processes under every start method:
+sharing, warm pools, dead and stuck workers. Behaviour common to every
+transport is in test_transports.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import numpy as np
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe import arrays
 
 from .helpers import shm_entries
 
@@ -25,43 +26,11 @@ def hourly(nn: int) -> float:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_results_in_order_and_types(method):
-    y = sks.parallel_map(hourly, range(300), start_method=method, processes=2)
-    assert isinstance(y, np.ndarray) and y.dtype == np.float64 and y.shape == (300,)
-    assert np.allclose(y, [hourly(i) for i in range(300)])
-    words = sks.parallel_map(str.upper, ["a", "b", "c"], start_method=method, processes=2)
-    assert words == ["A", "B", "C"]
-    rows = sks.parallel_map(
-        lambda i: np.full(3, i, dtype=np.int32), range(50), start_method=method, processes=2
-    )
-    assert rows.shape == (50, 3) and rows.dtype == np.int32 and rows[49, 2] == 49
-    assert arrays.handle_of(rows) is None and rows.base is None  # owned, not shared
-
-
-def test_ragged_and_mixed_results_fall_back_to_list():
-    ragged = sks.parallel_map(lambda i: np.zeros(i % 3), range(40), processes=2)
-    assert isinstance(ragged, list) and [len(r) for r in ragged[:4]] == [0, 1, 2, 0]
-    mixed = sks.parallel_map(lambda i: i if i else 0.5, range(40), processes=2)
-    assert isinstance(mixed, np.ndarray) and mixed[0] == 0.5 and mixed[39] == 39
-    objs = sks.parallel_map(lambda i: {"i": i}, range(30), processes=2)
-    assert objs[29] == {"i": 29}
-    assert sks.parallel_map(hourly, []) == []
-
-
-def test_items_can_be_any_iterable_and_arrays():
-    gen = (i * 2 for i in range(25))
-    assert sks.parallel_map(lambda v: v + 1, gen, processes=2).tolist() == list(range(1, 50, 2))
-    big_items = np.arange(300_000, dtype=np.float64).reshape(1000, 300)
-    sums = sks.parallel_map(np.sum, big_items, processes=2)
-    assert np.allclose(sums, big_items.sum(axis=1))
-
-
-@pytest.mark.parametrize("method", METHODS)
 def test_closure_array_is_shared_read_only_not_copied_per_task(method):
     big = np.arange(2_000_000, dtype=np.float64)  # 16 MB
 
     def probe(i):
-        from shm_kernel_safe import arrays as a
+        from shm_kernel_safe.memory import arrays as a
 
         _root, mapping = a._root_and_mapping(big)
         return (
@@ -80,7 +49,7 @@ def test_closure_array_is_shared_read_only_not_copied_per_task(method):
 
 
 def test_preshared_array_travels_without_copy_and_is_writable():
-    from shm_kernel_safe import sharing
+    from shm_kernel_safe.engine import sharing
 
     x = sks.zeros((1000, 8))
     x[:] = 1.0
@@ -103,7 +72,7 @@ def test_same_segment_kept_mapped_across_calls_and_pool_reused():
     x = sks.zeros(300_000)
 
     def who(i):
-        from shm_kernel_safe import arrays as a
+        from shm_kernel_safe.memory import arrays as a
 
         return os.getpid(), tuple(sorted(a.attached_names()))
 
@@ -115,23 +84,6 @@ def test_same_segment_kept_mapped_across_calls_and_pool_reused():
     assert pids1 | pids2 <= pool_pids  # warm: the same workers, none started anew
     name = sks.handle_of(x).name
     assert all(name in names for _, names, _ in second)
-
-
-def test_task_exception_names_item_and_traceback():
-    def fails_on_7(i):
-        if i == 7:
-            raise ValueError(f"bad hour {i}")
-        return i
-
-    with pytest.raises(sks.TaskError) as info:
-        sks.parallel_map(fails_on_7, range(100), processes=2)
-    err = info.value
-    assert err.index == 7 and err.exc_type == "ValueError" and "bad hour 7" in str(err)
-    assert "fails_on_7" in err.remote_traceback and "raise ValueError" in err.remote_traceback
-    assert "run_chunk" not in err.remote_traceback  # engine frames are hidden
-    assert isinstance(err.__cause__, ValueError)
-    # the pool is still usable
-    assert sks.parallel_map(lambda i: i, range(10), processes=2).sum() == 45
 
 
 @pytest.mark.parametrize("how", ["exit", "segv"])
@@ -184,7 +136,7 @@ def test_bad_input_is_refused_before_any_process_starts():
         sks.parallel_map(uses_lock, range(3))
     with pytest.raises(ValueError, match="chunksize"):
         sks.parallel_map(hourly, range(3), chunksize=0)
-    from shm_kernel_safe import pool
+    from shm_kernel_safe.transports.local import pool
 
     assert pool.pool_info() == []  # nothing was started
 
@@ -223,11 +175,11 @@ def test_workers_keep_segments_the_parent_still_holds():
     name = sks.handle_of(x).name
 
     def names(i):
-        from shm_kernel_safe import arrays as a
+        from shm_kernel_safe.memory import arrays as a
 
         return os.getpid(), tuple(sorted(a.attached_names()))
 
-    from shm_kernel_safe.segments import live_segments
+    from shm_kernel_safe.memory.segments import live_segments
 
     sks.prestart(2)
     first = sks.parallel_map(lambda i: (names(i), float(x[i]))[0], range(50), processes=2)

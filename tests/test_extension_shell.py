@@ -11,7 +11,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import shm_kernel_safe as sks
-from shm_kernel_safe import inspection
+from shm_kernel_safe.kernel import inspection
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_orphans")]
 
@@ -196,3 +196,48 @@ def test_sanitizer_replaces_dangling_arrays_everywhere(ip):
     del arr
     assert run(ip, "again_repr = repr(again)").success
     assert "DanglingArray" in ns["again_repr"]
+
+
+def test_serial_backend_fails_like_the_others_and_debug_lands_in_the_cell(ip, capsys):
+    """--backend serial: the same TaskError (item, the cell's line), and the
+    traceback %debug reads ends in the cell's frame with the item bound."""
+    import sys
+
+    ip.run_line_magic("load_ext", "shm_kernel_safe")
+    run(ip, "import numpy as np\ny = np.zeros(20)")
+    res = run(
+        ip,
+        "%%shm_parallel nn in range(20) --out y --backend serial -n 4 --progress none\n"
+        "y[nn] = nn\n"
+        "if nn == 13:\n"
+        "    raise ValueError(f'bad hour {nn}')\n",
+    )
+    err = res.error_in_exec
+    assert isinstance(err, sks.TaskError) and err.index == 13
+    text = "".join(err._render_traceback_())
+    assert "raise ValueError(f'bad hour {nn}')" in text and "line 3" in text
+    tb = sys.last_traceback  # what %debug post-mortems
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert "shm_parallel cell" in tb.tb_frame.f_code.co_filename
+    assert tb.tb_frame.f_locals["nn"] == 13
+    assert ip.user_ns["y"][:13].tolist() == list(range(13))  # written in place, as it ran
+
+
+def test_engine_argument_errors_read_as_the_magics_options(ip, capsys):
+    ip.run_line_magic("load_ext", "shm_kernel_safe")
+    run(ip, "import numpy as np\nro = np.zeros(3)\nro.flags.writeable = False")
+    cases = {
+        "nn in range(3) --out ro": "--out ro: ro is read-only",
+        "nn in range(3) --timeout -2": "--timeout must be a positive number",
+        "nn in range(3) -n 0": "-n/--processes must be an integer >= 1",
+        "nn in range(3) --backend dask --start-method spawn": "--start-method is for the local",
+        "nn in range(3) --scheduler tcp://127.0.0.1:1": "--scheduler/--client is for --backend",
+        "nn in range(3) --backend serial --chunksize 0": "--chunksize must be an integer >= 1",
+    }
+    for line, message in cases.items():
+        res = run(ip, f"%%shm_parallel {line}\npass\n")
+        assert not res.success
+        err = capsys.readouterr()
+        assert message in err.out + err.err, (line, err.out + err.err)
+        assert "Traceback" not in err.out + err.err

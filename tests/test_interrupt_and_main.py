@@ -21,7 +21,7 @@ method, mode, log = sys.argv[1], sys.argv[2], sys.argv[3]
 
 
 def mine():
-    from shm_kernel_safe.naming import parse_name
+    from shm_kernel_safe.memory.naming import parse_name
     return [e for e in os.listdir("/dev/shm")
             if (p := parse_name(e)) is not None and p.pid == os.getpid()]
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe import naming
+from shm_kernel_safe.memory import naming
 
 CHILD = r"""
 import sys, time

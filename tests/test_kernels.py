@@ -207,7 +207,8 @@ def test_kernel_interrupt_stops_cell_within_a_second():
         pids = json.loads(
             evaluate(
                 client,
-                "__import__('json').dumps([p for i in sks.pool.pool_info() for p in i['pids']])",
+                "__import__('json').dumps([p for i in sks.transports.local.pool.pool_info() "
+                "for p in i['pids']])",
             ).strip("'")
         )
         assert len(pids) <= 2

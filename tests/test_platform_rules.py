@@ -8,7 +8,7 @@ import re
 import pytest
 
 from shm_kernel_safe import _platform as P
-from shm_kernel_safe import naming
+from shm_kernel_safe.memory import naming
 
 
 @pytest.mark.parametrize(

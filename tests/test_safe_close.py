@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe.segments import Segment
+from shm_kernel_safe.memory.segments import Segment, unlink_name
 
 from .helpers import run_python, shm_entries
 
@@ -145,7 +145,7 @@ def test_segment_close_never_unmaps():
     view = np.ndarray((100,), np.float64, buffer=seg.root)
     view[:] = 3.0
     seg.close()
-    seg.unlink()
+    unlink_name(seg.name)
     assert view.sum() == 300.0
     # A third party closing the mmap cannot unmap under our views either.
     mapping = view.base.base.obj
@@ -198,7 +198,7 @@ def test_handle_of_views_keeps_offsets_and_strides():
     for view in (arr[2:5, 1::3], arr.T, arr[::-1, ::-2], arr[7]):
         handle = sks.handle_of(view)
         handle_remote = pickle_loads(pickle_bytes(handle))
-        from shm_kernel_safe import arrays
+        from shm_kernel_safe.memory import arrays
 
         attached = handle_remote.view()
         assert np.array_equal(attached, view)

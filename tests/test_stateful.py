@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 import shm_kernel_safe as sks
-from shm_kernel_safe.segments import Segment
+from shm_kernel_safe.memory.segments import Segment, unlink_name
 
 from .helpers import shm_entries
 
@@ -64,7 +64,7 @@ class Seg:
         if self.kind == "stdlib":
             self.obj.unlink()
         else:
-            sks.segments.unlink_name(self.name)
+            unlink_name(self.name)
         self.unlinked = True
 
 

@@ -1,28 +1,21 @@
-"""The helper processes multiprocessing starts for us, and a clean kernel exit.
+"""multiprocessing's helper processes, stopped and reaped when a kernel shuts down.
 
-A forkserver (our default start method on Linux) and the resource tracker
-are child processes of the kernel that outlive any pool. At shutdown,
-ipykernel SIGTERMs every child in its process group and then waits until
-none is listed. Nothing reaps those two helpers once they are killed, so
-they stay listed as zombies, ipykernel keeps waiting, and the frontend
-finally kills the kernel: no ``atexit`` handler runs, and segments and
-semaphores leak.
-
-So when a pool is started inside a kernel, we wrap that kernel's
-``do_shutdown`` (which ipykernel calls *before* it kills children) to free
-our segment names, stop our pools, and stop and reap the helpers.
+A forkserver (our default start method on Linux) and the resource trackers
+(the standard library's and loky's) are child processes of the kernel that
+outlive any pool. At shutdown, ipykernel SIGTERMs every child in its process
+group and then waits until none is listed. Nothing reaps those helpers once
+they are killed, so they stay listed as zombies, ipykernel keeps waiting,
+and the front end finally kills the kernel: no ``atexit`` handler runs, and
+segments and semaphores leak. So they are stopped here, on the
+``kernel-shutdown`` event, after the pools.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import threading
-from typing import Any
 
-_lock = threading.Lock()
-_hooked: dict[int, Any] = {}  # id(kernel) -> kernel
+from ... import lifecycle
 
 
 def stop_forkserver() -> None:
@@ -81,47 +74,7 @@ def stop_resource_trackers() -> None:
             tracker._pid = None
 
 
-def shutdown_everything() -> None:
-    """What a kernel (or interpreter) that is going away needs from us."""
-    from . import pool, segments
-
-    segments.unlink_all_owned()
-    pool.shutdown_all(join_timeout=1.0)
-    dask = sys.modules.get("shm_kernel_safe.dask_cluster")
-    if dask is not None:
-        dask.close_all()
+def stop_helpers(event: str = lifecycle.KERNEL_SHUTDOWN) -> None:
+    """Stop the forkserver and the resource trackers (a kernel going away)."""
     stop_forkserver()
     stop_resource_trackers()
-
-
-def hook_kernel_shutdown() -> None:
-    """Run :func:`shutdown_everything` first when this kernel shuts down."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    kernel = getattr(shell, "kernel", None)
-    if kernel is None or not hasattr(kernel, "do_shutdown"):
-        return
-    with _lock:
-        if id(kernel) in _hooked:
-            return
-        original = kernel.do_shutdown
-
-        def do_shutdown(restart: bool) -> Any:
-            with contextlib.suppress(Exception):
-                shutdown_everything()
-            return original(restart)
-
-        do_shutdown.__shm_kernel_safe_original__ = original  # type: ignore[attr-defined]
-        kernel.do_shutdown = do_shutdown
-        _hooked[id(kernel)] = kernel
-
-
-def unhook_kernel_shutdown() -> None:
-    with _lock:
-        for kernel in _hooked.values():
-            if "do_shutdown" in vars(kernel):
-                del kernel.do_shutdown
-        _hooked.clear()

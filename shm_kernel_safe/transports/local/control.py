@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import SharedArray, empty, handle_of
+from ...memory.arrays import empty
 
 CANCEL = 0
 HEADER = 8
@@ -30,18 +30,8 @@ class ControlBlock:
     def create(cls, n_chunks: int) -> ControlBlock:
         return cls(empty(HEADER + ROW * max(n_chunks, 1), dtype=np.int64))
 
-    @property
-    def handle(self) -> SharedArray:
-        handle = handle_of(self.array)
-        assert handle is not None
-        return handle
-
     def cancel(self) -> None:
         self.array[CANCEL] = 1
-
-    @property
-    def cancelled(self) -> bool:
-        return bool(self.array[CANCEL])
 
     def done(self) -> int:
         return int(self.table[:, DONE].sum())

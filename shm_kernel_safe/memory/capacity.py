@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import os
 
-from ._platform import shm_directory
-from .errors import SharedMemoryCapacityError
+from .._platform import shm_directory
+from ..errors import SharedMemoryCapacityError
 
 
 def free_bytes(directory: str | None = None) -> int | None:

@@ -14,7 +14,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from ._platform import MAX_NAME_CHARS, current_user_tag, to_base36
+from .._platform import MAX_NAME_CHARS, current_user_tag, to_base36
 
 PREFIX = "sks"
 _NAME_RE = re.compile(rf"^{PREFIX}([0-9a-z]+)_([0-9a-z]+)_([0-9a-z]+)$")

@@ -24,19 +24,19 @@ unlinked by a finalizer (in the creating process only, never a forked child).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import mmap
 import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import _platform, capacity, naming
-from .errors import SegmentNotFoundError
+from .. import _platform, lifecycle
+from ..errors import SegmentNotFoundError
+from . import capacity, naming
 
 try:  # POSIX: CPython's own binding of shm_open/shm_unlink
     import _posixshmem
@@ -57,7 +57,6 @@ class SegmentRecord:
     mapping: weakref.ref  # to the mmap.mmap; dead once every view is gone
     description: str = ""
     unlinked: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def views_alive(self) -> bool:
@@ -121,19 +120,11 @@ class Segment:
             raise ValueError(f"segment {self.name} is closed in this object")
         return self._root
 
-    @property
-    def address(self) -> int:
-        return int(self.root.__array_interface__["data"][0])
-
     # -- teardown -----------------------------------------------------------
     def close(self) -> None:
         """Drop this object's references; memory lives as long as its views."""
         self._root = None
         self._mmap = None
-
-    def unlink(self) -> None:
-        """Free the name now. Views stay valid; new attaches fail."""
-        unlink_name(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -300,10 +291,15 @@ def segment_name_of_mapping(mapping: object) -> str | None:
         return name
 
 
-@atexit.register
-def unlink_all_owned() -> None:
+def unlink_all_owned(event: str = lifecycle.EXIT) -> None:
     """At exit, free every name this process still owns (never a parent's)."""
     for record in live_segments():
         if not record.unlinked:
             with contextlib.suppress(OSError):
                 unlink_name(record.name)
+
+
+# Freeing names is instant and always safe: first, before processes stop.
+lifecycle.register(
+    "segment-names", unlink_all_owned, order=10, events={lifecycle.EXIT, lifecycle.KERNEL_SHUTDOWN}
+)

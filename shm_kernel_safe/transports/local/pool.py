@@ -16,94 +16,25 @@ or a script without ``if __name__ == "__main__"`` all work.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import multiprocessing
-import multiprocessing.context as mp_context
-import multiprocessing.spawn as mp_spawn
-import os
-import sys
 import threading
 import warnings
 from typing import Any
 
 from loky import ProcessPoolExecutor
 
-from . import _platform
+from ... import lifecycle
+from ..main_free import make_context
+from . import mp_helpers
+
+#: Modules a forkserver imports once, so that every worker forks with them loaded.
+FORKSERVER_PRELOAD = ("numpy", "cloudpickle", "shm_kernel_safe.transports.local.worker")
 
 #: Idle workers exit after this many seconds, releasing what they keep mapped.
 IDLE_TIMEOUT = 600.0
 
 _lock = threading.RLock()
 _pools: dict[tuple[int, str], ProcessPoolExecutor] = {}
-_prep_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _main_free_preparation():
-    """Start children without telling them to import ``__main__``."""
-    with _prep_lock:
-        original = mp_spawn.get_preparation_data
-
-        def stripped(name: str) -> dict[str, Any]:
-            # IPython's own __main__ (a DummyMod) has no __spec__, on which
-            # the stdlib trips; the main module is dropped below anyway.
-            main = sys.modules.get("__main__")
-            patched = main is not None and not hasattr(main, "__spec__")
-            if patched:
-                main.__spec__ = None
-            try:
-                data = original(name)
-            finally:
-                if patched:
-                    with contextlib.suppress(AttributeError):
-                        del main.__spec__
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-            return data
-
-        mp_spawn.get_preparation_data = stripped
-        try:
-            yield
-        finally:
-            mp_spawn.get_preparation_data = original
-
-
-class _MainFreeSpawnProcess(mp_context.SpawnProcess):
-    def start(self) -> None:
-        with _main_free_preparation():
-            super().start()
-
-
-class _MainFreeSpawnContext(mp_context.SpawnContext):
-    Process = _MainFreeSpawnProcess
-
-
-if hasattr(mp_context, "ForkServerProcess"):
-
-    class _MainFreeForkServerProcess(mp_context.ForkServerProcess):
-        def start(self) -> None:
-            with _main_free_preparation():
-                super().start()
-
-    class _MainFreeForkServerContext(mp_context.ForkServerContext):
-        Process = _MainFreeForkServerProcess
-
-
-def make_context(start_method: str) -> multiprocessing.context.BaseContext:
-    if start_method == "spawn":
-        return _MainFreeSpawnContext()
-    if start_method == "forkserver":
-        ctx = _MainFreeForkServerContext()
-        # The server imports these once; every worker forks with them loaded.
-        ctx.set_forkserver_preload(["numpy", "cloudpickle", "shm_kernel_safe.worker"])
-        return ctx
-    if start_method == "fork":
-        return multiprocessing.get_context("fork")
-    raise ValueError(
-        f"unknown start method {start_method!r}; choose from "
-        f"{', '.join(_platform.available_start_methods())}"
-    )
 
 
 def _init_worker() -> None:
@@ -120,7 +51,7 @@ def _init_worker() -> None:
 
     from loky import process_executor
 
-    from ._malloc import tune_malloc
+    from ..._malloc import tune_malloc
 
     tune_malloc()  # see _malloc: up to 5x on tasks with MB-sized temporaries
     process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
@@ -128,12 +59,6 @@ def _init_worker() -> None:
     # to the parent, which cancels between items and kills what is stuck:
     # one behaviour on every platform (on Windows workers never see it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
@@ -149,14 +74,12 @@ def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
             warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
             pool = ProcessPoolExecutor(
                 max_workers=processes,
-                context=make_context(start_method),
+                context=make_context(start_method, preload=FORKSERVER_PRELOAD),
                 timeout=IDLE_TIMEOUT,
                 initializer=_init_worker,
             )
         _pools[key] = pool
-    from .helpers import hook_kernel_shutdown
-
-    hook_kernel_shutdown()
+    lifecycle.hook_kernel_shutdown()
     return pool
 
 
@@ -207,16 +130,6 @@ def shutdown_all(join_timeout: float = 5.0) -> None:
         _kill(pool, join_timeout)
 
 
-def _at_exit() -> None:
-    """Free segment names first (always safe, and instant), then stop pools
-    within a second: a process that lingers at exit may be killed, and then
-    no clean-up runs at all."""
-    from .segments import unlink_all_owned
-
-    unlink_all_owned()
-    shutdown_all(join_timeout=1.0)
-
-
 def pool_info() -> list[dict[str, Any]]:
     with _lock:
         return [
@@ -225,4 +138,14 @@ def pool_info() -> list[dict[str, Any]]:
         ]
 
 
-atexit.register(_at_exit)
+def _close_pools(event: str) -> None:
+    # At exit and kernel shutdown within a second: a process that lingers
+    # may be killed, and then no clean-up runs at all.
+    shutdown_all(join_timeout=5.0 if event == lifecycle.UNLOAD else 1.0)
+
+
+lifecycle.register("local-pools", _close_pools, order=20)
+# After the pools: the helpers they started (forkserver, resource trackers).
+lifecycle.register(
+    "mp-helpers", mp_helpers.stop_helpers, order=90, events={lifecycle.KERNEL_SHUTDOWN}
+)

@@ -15,8 +15,8 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+from .._platform import current_user_tag, pid_alive, shm_directory
 from . import naming
-from ._platform import current_user_tag, pid_alive, shm_directory
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,12 @@ Our own cluster runs worker *processes* (one thread each: the user's code is
 Python that holds the GIL) and listens on loopback only, scheduler HTTP
 server included (a dashboard there when bokeh is installed). It is closed
 at interpreter exit and, in a kernel, before ipykernel kills its children
-(see :mod:`.helpers`), so a notebook that used it shuts down as quickly as
+(see :mod:`shm_kernel_safe.lifecycle`), so a notebook that used it shuts down as quickly as
 one that did not.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import logging
@@ -25,7 +24,11 @@ import threading
 import time
 from typing import Any
 
-from .errors import DaskBackendError, human_bytes
+from ... import lifecycle
+from ..._platform import usable_cpus
+from ...errors import DaskBackendError, InvalidArgumentTypeError, human_bytes
+from ..main_free import make_context
+from .kept import kept_arrays
 
 #: Seconds to wait for a scheduler that does not answer.
 CONNECT_TIMEOUT = 10.0
@@ -67,9 +70,10 @@ def get_client(client: Any = None, processes: int | None = None) -> Any:
     elif isinstance(client, str):
         result = _client_for_address(distributed, client)
     else:
-        raise TypeError(
-            f"client must be a distributed.Client, a scheduler address or None, "
-            f"got {type(client).__name__}"
+        raise InvalidArgumentTypeError(
+            "client",
+            f"must be a distributed.Client, a scheduler address or None, "
+            f"got {type(client).__name__}",
         )
     _check_workers(result)
     return result
@@ -96,10 +100,7 @@ def _client_for_address(distributed: Any, address: str) -> Any:
 def _local_client(distributed: Any, processes: int | None) -> Any:
     import dask
 
-    from . import pool
-    from .helpers import hook_kernel_shutdown
-
-    wanted = processes or pool.usable_cpus()
+    wanted = processes or usable_cpus()
     with _lock:
         client = _local.get("client")
         if client is not None and client.status == "running":
@@ -135,11 +136,11 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
             # keep the kernel's import path as the user had it.
             sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
         client = distributed.Client(cluster, set_as_default=False)
-        from .dask_worker import MallocTuning
+        from .worker import MallocTuning
 
         client.register_plugin(MallocTuning())
         _local.update(cluster=cluster, client=client)
-    hook_kernel_shutdown()
+    lifecycle.hook_kernel_shutdown()
     return client
 
 
@@ -180,15 +181,13 @@ def _main_free_worker_starts(on: bool) -> None:
     """
     from distributed import process, utils
 
-    from . import pool
-
     if not on:
         process.get_mp_context = utils.get_mp_context
         return
 
     def get_mp_context() -> Any:
         ctx = utils.get_mp_context()
-        return pool.make_context("spawn") if ctx.get_start_method() == "spawn" else ctx
+        return make_context("spawn") if ctx.get_start_method() == "spawn" else ctx
 
     process.get_mp_context = get_mp_context
 
@@ -208,7 +207,7 @@ def _check_workers(client: Any) -> None:
 
 
 def _worker_can_import() -> str:
-    import shm_kernel_safe.dask_worker  # noqa: F401
+    import shm_kernel_safe.transports.dask.worker  # noqa: F401
 
     return "ok"
 
@@ -225,7 +224,7 @@ def stop_stuck(client: Any, call_id: str, grace: float) -> list[str]:
     what the local backend does to a stuck worker too (a thread cannot be
     stopped inside an item).
     """
-    from .dask_worker import busy_with, exit_worker
+    from .worker import busy_with, exit_worker
 
     deadline = time.monotonic() + grace
     try:
@@ -242,7 +241,7 @@ def stop_stuck(client: Any, call_id: str, grace: float) -> list[str]:
         return []
 
 
-def describe() -> list[str]:
+def status_lines() -> list[str]:
     """Lines for ``%shm_status``: clusters and schedulers in use."""
     lines = []
     with _lock:
@@ -261,8 +260,7 @@ def describe() -> list[str]:
                 continue
             has_bokeh = importlib.util.find_spec("bokeh") is not None
             dash = c.dashboard_link if has_bokeh else None
-            kept = sys.modules.get("shm_kernel_safe.dask_kept")
-            n_kept, kept_bytes = kept.kept_arrays.summary(c) if kept else (0, 0)
+            n_kept, kept_bytes = kept_arrays.summary(c)
             lines.append(
                 f"  {label} at {c.scheduler.address}: {len(workers)} workers"
                 + (f", pids {pids}" if pids else "")
@@ -278,9 +276,8 @@ def describe() -> list[str]:
 
 
 def _forget_kept(client: Any) -> None:
-    kept = sys.modules.get("shm_kernel_safe.dask_kept")
-    if kept is not None and client is not None:
-        kept.kept_arrays.forget(client)
+    if client is not None:
+        kept_arrays.forget(client)
 
 
 def close_local() -> None:
@@ -301,9 +298,7 @@ def close_all() -> None:
     """Close our cluster and disconnect from schedulers we connected to;
     release what runs left on clusters given to us as Clients."""
     close_local()
-    kept = sys.modules.get("shm_kernel_safe.dask_kept")
-    if kept is not None:
-        kept.kept_arrays.forget()
+    kept_arrays.forget()
     with _lock:
         clients = list(_connected.values())
         _connected.clear()
@@ -314,4 +309,8 @@ def close_all() -> None:
             client.close(timeout=5)
 
 
-atexit.register(close_all)
+def _close(event: str) -> None:
+    close_all()
+
+
+lifecycle.register("dask-clusters", _close, order=30)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._malloc import tune_malloc
-from .worker import ChunkResult, Payload, _describe
+from ..._malloc import tune_malloc
+from ...engine.chunk_loop import run_items
+from ...engine.protocol import ChunkResult, Payload, describe_error
 
 #: Event topic of progress reports: ``[call_id, chunk, items done]``.
 PROGRESS_TOPIC = "shm_kernel_safe-progress"
@@ -78,30 +79,32 @@ def _run(
     try:
         loaded, private = _load(spec.call_id, payload, arrays, outs)
     except BaseException as exc:
-        result.error = _describe(exc, spec.start, None, loading=True)
+        result.error = describe_error(exc, spec.start, None, loading=True)
         return result
     reporter = _progress_reporter(spec)
+    tick = None
     if reporter is not None:
         reporter(0)  # started: the parent learns which chunks are in flight
-    fn, items = loaded.fn, loaded.items
-    values: list = []
-    ended = _ended
-    i = spec.start
-    t0 = time.perf_counter()
-    next_report = t0 + REPORT_EVERY
-    try:
-        for i in range(spec.start, spec.stop):
-            if spec.call_id in ended:
-                break
-            values.append(fn(items[i]))
-            if reporter is not None and time.perf_counter() >= next_report:
-                reporter(len(values))
+        done = 0
+        next_report = time.perf_counter() + REPORT_EVERY
+
+        def tick() -> None:
+            nonlocal done, next_report
+            done += 1
+            if time.perf_counter() >= next_report:
+                reporter(done)
                 next_report = time.perf_counter() + REPORT_EVERY
-    except BaseException as exc:
-        result.error = _describe(exc, i, items)
-    result.seconds = time.perf_counter() - t0
-    result.done = len(values)
-    result.values = values
+
+    ended, call_id = _ended, spec.call_id
+    run_items(
+        loaded.fn,
+        loaded.items,
+        spec.start,
+        spec.stop,
+        result,
+        cancelled=lambda: call_id in ended,
+        tick=tick,
+    )
     if result.error is None:
         result.writes = {key: changed_elements(private[key], outs[key].array) for key in private}
     return result

@@ -19,13 +19,11 @@ import symtable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CellSyntaxError
+
 FUNC_NAME = "__shm_parallel_cell__"
 ITEM_NAME = "__shm_parallel_item__"
 _counter = itertools.count(1)
-
-
-class CellSyntaxError(ValueError):
-    """The magic line or cell cannot be understood (a one-line usage error)."""
 
 
 @dataclass

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import is_dangling
-from .errors import DanglingArrayError
+from ..errors import DanglingArrayError, DanglingAttributeError
+from ..memory.arrays import is_dangling
 
 MAX_DEPTH = 3
 MAX_OBJECTS = 20_000
@@ -67,11 +67,6 @@ _OPAQUE = (
     types.MethodType,
     functools.partial,
 )
-
-
-class DanglingAttributeError(DanglingArrayError, AttributeError):
-    """Attribute access on a placeholder; an AttributeError so that
-    ``hasattr()`` in display code answers False instead of failing."""
 
 
 class DanglingArray:

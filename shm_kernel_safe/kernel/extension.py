@@ -2,18 +2,20 @@
 
 Loading installs, in this order: the safe close on the standard library's
 ``SharedMemory`` (class-level, so objects made before loading are covered),
-the inspection hooks, and the magics. Unloading removes exactly what loading
-installed, and nothing it did not (a ``protect()`` the user made themselves
-stays).
+the inspection hooks, the magics, and the kernel-shutdown hook of
+:mod:`shm_kernel_safe.lifecycle`. Unloading removes exactly what loading
+installed, and nothing it did not (a ``protect()`` the user made
+themselves stays), and runs the lifecycle's ``unload`` closers: warm pools,
+our dask cluster and the clients we opened stop; named segments the user
+holds stay.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from . import pool, stdlib_patch
-from .helpers import unhook_kernel_shutdown
+from .. import lifecycle
+from ..memory import stdlib_patch
 from .inspection import InspectionHooks
 from .magics import ShmMagics
 
@@ -21,6 +23,7 @@ _state: dict[int, dict[str, Any]] = {}
 
 
 def load_ipython_extension(shell: Any) -> None:
+    """Install the safe close, the inspection hooks and the magics in ``shell``."""
     if id(shell) in _state:
         return  # loading twice is harmless
     we_protected = not stdlib_patch.is_protected()
@@ -28,10 +31,12 @@ def load_ipython_extension(shell: Any) -> None:
     hooks = InspectionHooks(shell)
     hooks.install()
     shell.register_magics(ShmMagics)
+    lifecycle.hook_kernel_shutdown()
     _state[id(shell)] = {"hooks": hooks, "we_protected": we_protected}
 
 
 def unload_ipython_extension(shell: Any) -> None:
+    """Undo exactly what :func:`load_ipython_extension` did."""
     state = _state.pop(id(shell), None)
     if state is None:
         return
@@ -43,12 +48,5 @@ def unload_ipython_extension(shell: Any) -> None:
     shell.magics_manager.registry.pop("ShmMagics", None)
     if state["we_protected"]:
         stdlib_patch.unprotect()
-    pool.shutdown_all()
-    dask = sys.modules.get("shm_kernel_safe.dask_cluster")
-    if dask is not None:  # our LocalCluster, clients we opened, arrays kept on clusters
-        dask.close_all()
-    unhook_kernel_shutdown()
-
-
-def is_loaded(shell: Any) -> bool:
-    return id(shell) in _state
+    lifecycle.run(lifecycle.UNLOAD)
+    lifecycle.unhook_kernel_shutdown()

@@ -154,15 +154,6 @@ def share(a: Any) -> SharedArray:
     return handle
 
 
-def share_if_needed(a: np.ndarray) -> tuple[SharedArray, bool]:
-    """Handle for ``a``: zero copy when it already lives in one of our
-    segments, else a fresh read-only copy. Returns (handle, copied)."""
-    handle = handle_of(a)
-    if handle is not None:
-        return handle, False
-    return share(a).as_readonly(), True
-
-
 def handle_of(arr: np.ndarray) -> SharedArray | None:
     """A handle for an array that lives in a segment this process created.
 

@@ -26,7 +26,8 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from .arrays import SharedArray, handle_of, share
+from ..memory.arrays import SharedArray, handle_of, share
+from ..memory.segments import unlink_name
 
 DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
 
@@ -38,9 +39,6 @@ class SharingReport:
     created: list[SharedArray] = field(default_factory=list)  # owned by the call
     reused: list[SharedArray] = field(default_factory=list)  # already in segments
     copied_bytes: int = 0
-
-    def names(self) -> set[str]:
-        return {h.name for h in self.created} | {h.name for h in self.reused}
 
 
 class ArrayPickler(cloudpickle.Pickler):
@@ -140,8 +138,6 @@ def dumps(
 
 def release(report: SharingReport) -> None:
     """Free the names of segments a payload created; views elsewhere live on."""
-    from .segments import unlink_name
-
     for handle in report.created:
         unlink_name(handle.name)
     report.created.clear()

@@ -4,7 +4,7 @@ namespace, call the library, write owned copies back."""
 
 from __future__ import annotations
 
-import sys
+import re
 import time
 from typing import Any
 
@@ -13,12 +13,27 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import cells, janitor, pool, segments
-from .arrays import handle_of, label, share
-from .errors import DaskBackendError, human_bytes
-from .progress import PROGRESS_MODES
-from .runner import parallel_map
-from .sharing import DEFAULT_THRESHOLD
+from ..api import BACKENDS, parallel_map
+from ..engine.progress import PROGRESS_MODES
+from ..errors import CellSyntaxError, DaskBackendError, InvalidArgumentError, human_bytes
+from ..memory import janitor, segments
+from ..memory.arrays import handle_of, label, share
+from ..transports.dask import cluster as dask_cluster
+from ..transports.local import pool
+from . import cells
+
+_BACKEND_KWARG = re.compile(r"backend='(\w+)'")
+
+#: How the magic spells parallel_map's arguments, for its error messages.
+OPTION_OF = {
+    "processes": "-n/--processes",
+    "start_method": "--start-method",
+    "chunksize": "--chunksize",
+    "timeout": "--timeout",
+    "client": "--scheduler/--client",
+    "backend": "--backend",
+    "fn": "the cell",
+}
 
 
 @magics_class
@@ -51,9 +66,11 @@ class ShmMagics(Magics):
     @argument(
         "--backend",
         default="local",
-        choices=["local", "dask"],
+        choices=BACKENDS,
         help="local: this machine's warm process pool (default); dask: a dask.distributed "
-        "cluster (a loopback LocalCluster started once, unless --scheduler/--client)",
+        "cluster (a loopback LocalCluster started once, unless --scheduler/--client); "
+        "serial: every item in this kernel, one after the other, for debugging "
+        "(breakpoints, %%debug)",
     )
     @argument(
         "--scheduler",
@@ -127,11 +144,16 @@ class ShmMagics(Magics):
         ``--scheduler ADDRESS``, or the Client held by ``--client NAME``. Big
         arrays then reach each worker once per run; --out and --result come
         back the same way.
+
+        ``--backend serial`` runs every item in this kernel, one after the
+        other, with the same results and errors: put ``breakpoint()`` in the
+        cell, or run ``%debug`` after a failure to land in the failing item's
+        frame. ``-n`` and ``--start-method`` are then ignored.
         """
         try:
             spec = cells.split_line(line)
             args = parse_argstring(self.shm_parallel, spec.options)
-        except cells.CellSyntaxError as exc:
+        except CellSyntaxError as exc:
             raise UsageError(str(exc)) from None
         if args.loop:
             raise UsageError(f"unexpected {' '.join(args.loop)!r} after the options")
@@ -142,28 +164,17 @@ class ShmMagics(Magics):
             raise UsageError(
                 f"cannot evaluate {spec.iterable!r}: {type(exc).__name__}: {exc}"
             ) from None
-        try:
-            iter(items)
-        except TypeError:
-            raise UsageError(
-                f"{spec.iterable!r} is a {type(items).__name__}, not an iterable"
-            ) from None
-
-        outs = self._outputs(args.out)
-        forced = []
-        for name in args.share:
-            if name not in ns or not isinstance(ns[name], np.ndarray):
-                raise UsageError(f"--share {name}: no ndarray named {name!r} in the namespace")
-            forced.append(ns[name])
-        backend, client = self._backend(args)
+        outs = [self._lookup("--out", name) for name in args.out]
+        forced = [self._lookup("--share", name) for name in args.share]
+        client = self._client(args)
         try:
             cell_fn = cells.compile_cell(spec.target, cell, want_result=args.result is not None)
             if args.result is not None and not cell_fn.returns_last_value:
-                raise cells.CellSyntaxError(
+                raise CellSyntaxError(
                     f"--result {args.result}: the cell must end with an expression to gather"
                 )
             fn = cells.resolve(cell_fn, ns)
-        except cells.CellSyntaxError as exc:
+        except CellSyntaxError as exc:
             raise UsageError(str(exc)) from None
 
         try:
@@ -174,63 +185,56 @@ class ShmMagics(Magics):
                 start_method=args.start_method,
                 chunksize=args.chunksize,
                 timeout=args.timeout,
-                share_threshold=DEFAULT_THRESHOLD,
                 share=forced,
                 out=outs,
                 progress=args.progress,
-                backend=backend,
+                backend=args.backend,
                 client=client,
             )
+        except InvalidArgumentError as exc:
+            if exc.argument == "client" and args.client and isinstance(exc, TypeError):
+                kind = type(client).__name__
+                message = f"--client {args.client}: {args.client} is a {kind}, "
+                raise UsageError(message + "not a distributed.Client") from None
+            raise UsageError(self._restate(exc, spec.iterable, args)) from None
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
         if args.result is not None:
             ns[args.result] = result
         return None
 
-    def _outputs(self, names: list[str]) -> list[np.ndarray]:
-        """The ``--out`` arrays, each checked before the run starts."""
+    def _lookup(self, option: str, name: str) -> Any:
+        """The value of ``name`` for ``option``; what it must be is the engine's to check."""
         ns = self.shell.user_ns
-        outs = []
-        for name in names:
-            if name not in ns:
-                raise UsageError(
-                    f"--out {name}: no variable named {name!r}; create it first, "
-                    f"e.g. {name} = np.zeros(N)"
-                )
-            value = ns[name]
-            if not isinstance(value, np.ndarray) or value.dtype.hasobject:
-                raise UsageError(
-                    f"--out {name}: {name} is a {type(value).__name__}, not a numeric ndarray"
-                )
-            if not value.flags.writeable:
-                raise UsageError(f"--out {name}: {name} is read-only")
-            outs.append(value)
-        return outs
+        if name not in ns:
+            raise UsageError(
+                f"{option} {name}: no variable named {name!r}; create it first, "
+                f"e.g. {name} = np.zeros(N)"
+            )
+        return ns[name]
 
-    def _backend(self, args: Any) -> tuple[str, Any]:
-        """(backend, client) from ``--backend/--scheduler/--client``."""
-        if args.backend == "local":
-            if args.scheduler or args.client:
-                raise UsageError("--scheduler and --client need --backend dask")
-            return "local", None
-        if args.start_method:
-            raise UsageError("--start-method is for the local backend; dask starts its workers")
+    def _client(self, args: Any) -> Any:
+        """The ``client=`` of parallel_map from ``--scheduler`` / ``--client``."""
         if args.scheduler and args.client:
             raise UsageError("give --scheduler ADDRESS or --client NAME, not both")
-        if (args.scheduler or args.client) and args.processes is not None:
-            raise UsageError("-n/--processes sizes the local dask cluster only")
         if args.client:
-            ns = self.shell.user_ns
-            if args.client not in ns:
-                raise UsageError(f"--client {args.client}: no variable named {args.client!r}")
-            client = ns[args.client]
-            if type(client).__name__ != "Client" or not hasattr(client, "scheduler_info"):
-                raise UsageError(
-                    f"--client {args.client}: {args.client} is a {type(client).__name__}, "
-                    f"not a distributed.Client"
-                )
-            return "dask", client
-        return "dask", args.scheduler
+            return self._lookup("--client", args.client)
+        return args.scheduler
+
+    @staticmethod
+    def _restate(exc: InvalidArgumentError, iterable: str, args: Any) -> str:
+        """The engine's complaint about an argument, in the magic's own terms."""
+        if exc.argument == "items":
+            return f"{iterable!r} {exc.problem}"
+        names = {"out": args.out, "share": args.share}.get(exc.argument)
+        if names is not None and exc.index is not None:
+            name = names[exc.index]
+            return f"--{exc.argument} {name}: {name} {exc.problem}"
+        option = OPTION_OF.get(exc.argument)
+        if option is None:
+            return str(exc)
+        problem = _BACKEND_KWARG.sub(r"--backend \1", exc.problem)
+        return f"{option} {problem}"
 
     @line_magic
     def shm_share(self, line: str) -> None:
@@ -285,8 +289,7 @@ class ShmMagics(Magics):
         print(f"Warm pools: {len(pools)}")
         for info in pools:
             print(f"  {info['processes']} x {info['start_method']}: pids {info['pids']}")
-        dask = sys.modules.get("shm_kernel_safe.dask_cluster")  # never import dask just for this
-        clusters = dask.describe() if dask is not None else []
+        clusters = dask_cluster.status_lines()  # imports no dask unless it was used
         print(f"Dask clusters: {len(clusters)}")
         for line in clusters:
             print(line)

@@ -1,0 +1,151 @@
+"""The interface between the one engine and the ways of running chunks.
+
+A transport moves a run's payload to its workers, runs chunks there and
+hands back their results; everything else (validation, planning, waiting,
+deadlines, progress, error mapping, gathering) is the engine's, written
+once. The call sequence of one run is::
+
+    encode(payload, inputs)      # pickle / prepare, no process started yet
+    start(chunk_bound, heartbeat)  # start or reuse workers, send the payload
+    submit(chunk) ...            # any number of times
+    wait(timeout) -> results     # repeatedly, until every chunk is back
+    items_done()                 # any time, for progress
+    cancel(grace, kill)          # on error, timeout or interrupt
+    land_outputs()               # make out= writes visible in the caller's arrays
+    release()                    # always, last
+
+Three implementations: ``local`` (a warm loky pool over shared memory),
+``dask`` (a dask.distributed cluster) and ``serial`` (the calling process,
+for debugging). A new one is a subclass of :class:`Transport`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .planning import Chunk
+from .protocol import ChunkResult, Payload
+
+
+@dataclass
+class Inputs:
+    """How a run's arrays travel (see :mod:`.sharing`)."""
+
+    threshold: int  # arrays at least this big are shared, not pickled
+    force: tuple[Any, ...] = ()  # arrays shared whatever their size
+    outputs: tuple[np.ndarray, ...] = ()  # arrays the function writes into
+
+
+class WorkerLost(Exception):
+    """A transport's report that a worker died; the engine words the error.
+
+    ``index`` is the item the dead worker was running when known exactly,
+    ``span`` describes what it may have been running otherwise (``"one of
+    items 0-99"``), ``how`` says how it died and ``recovery`` what was done
+    about it.
+    """
+
+    def __init__(
+        self,
+        *,
+        index: int | None = None,
+        span: str = "",
+        who: str = "a worker process",
+        how: str = "",
+        recovery: str = "",
+        exitcodes: str = "",
+    ) -> None:
+        super().__init__(who, how)
+        self.index = index
+        self.span = span
+        self.who = who
+        self.how = how
+        self.recovery = recovery
+        self.exitcodes = exitcodes
+
+
+#: Called by a transport that runs items in the engine's own thread (serial):
+#: updates progress, and returns True once the run must stop (its deadline passed).
+Heartbeat = Callable[[], bool]
+
+
+class Transport(ABC):
+    """Runs a call's chunks somewhere; see the module docstring for the sequence."""
+
+    #: Name users pass as ``backend=``.
+    name: ClassVar[str]
+    #: Work per chunk that hides the cost of one message on this transport.
+    min_chunk_seconds: ClassVar[float] = 0.004
+    #: Text for timeouts: what happened to the workers.
+    stopped_text: ClassVar[str] = "its workers were stopped"
+
+    #: Workers that run chunks at the same time (known after :meth:`start`).
+    workers: int = 1
+
+    @abstractmethod
+    def encode(self, payload: Payload, inputs: Inputs) -> None:
+        """Prepare the payload (pickling, sharing big arrays); starts no process.
+
+        Any exception here means the payload cannot travel; the engine
+        reports it as such.
+        """
+
+    @abstractmethod
+    def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
+        """Start or reuse workers and send them the payload.
+
+        ``chunk_bound(workers)`` is the most chunks the run will submit to
+        that many workers; ``heartbeat`` is for transports that run items
+        in the engine's thread.
+        """
+
+    def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
+        """Offer a shared array where workers store results in place.
+
+        Called once with the probe's result; return the array (with
+        ``first`` stored at 0) or None to receive results as values.
+        """
+        return None
+
+    @abstractmethod
+    def submit(self, chunk: Chunk) -> None:
+        """Queue one chunk."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[ChunkResult]:
+        """Results of chunks that finished, waiting at most ``timeout`` s.
+
+        Raises :class:`WorkerLost` when a worker died.
+        """
+
+    @abstractmethod
+    def items_done(self) -> int:
+        """Items completed so far, running chunks included."""
+
+    @abstractmethod
+    def cancel(self, grace: float, kill: bool) -> None:
+        """Stop queued chunks now and running ones at their next item;
+        stop workers still busy after ``grace`` s (at once with ``kill``)."""
+
+    def land_outputs(self) -> None:  # noqa: B027 - optional hook
+        """Make the writes into ``inputs.outputs`` visible in the caller's arrays."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free what the run holds (segments, futures); idempotent."""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` s passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True

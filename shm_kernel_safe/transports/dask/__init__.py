@@ -1,0 +1,4 @@
+"""The dask transport: runs on a dask.distributed cluster (the ``dask`` extra).
+
+Importing this package does not import ``distributed``; only using it does.
+"""

@@ -1,0 +1,1 @@
+"""The local transport: warm loky pools over shared memory."""

@@ -1,0 +1,106 @@
+"""The serial transport: every item in the calling process, for debugging.
+
+Same run as on the other transports (same planning, results, errors with
+the item and the cell's line, ``out=`` arrays, progress), but no process,
+no pickling and no shared memory: the function sees the caller's own
+objects, so ``breakpoint()`` stops in it, ``%debug`` after a failure lands
+in the frame where the item failed, and print output appears in order. It
+is what joblib's ``n_jobs=1`` and dask's synchronous scheduler are to them.
+
+Differences, by nature: the function may modify the arrays it reads
+(workers get read-only views); ``out=`` arrays are written directly, so
+they also hold the writes of a run that failed; a ``timeout`` stops the
+run between items (an item running is not interrupted); Ctrl-C raises
+``KeyboardInterrupt`` from inside the item.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..engine.chunk_loop import run_items
+from ..engine.planning import Chunk
+from ..engine.protocol import ChunkResult, Payload
+from ..engine.transport import Heartbeat, Inputs, Transport
+
+
+class SerialTransport(Transport):
+    """Chunks run one after the other in this process, in the engine's thread."""
+
+    name = "serial"
+    min_chunk_seconds = 0.0  # no message to amortise
+    stopped_text = "it stopped between items"
+
+    def __init__(self) -> None:
+        self.workers = 1
+        self.queue: deque[Chunk] = deque()
+        self.done = 0
+        self.stopped = False
+        self.heartbeat: Heartbeat = lambda: False
+        self.heartbeat_error: BaseException | None = None
+
+    def encode(self, payload: Payload, inputs: Inputs) -> None:
+        self.fn, self.items = payload.fn, payload.items
+
+    def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+
+    def submit(self, chunk: Chunk) -> None:
+        self.queue.append(chunk)
+
+    def wait(self, timeout: float) -> list[ChunkResult]:
+        if not self.queue:
+            return []
+        chunk = self.queue.popleft()
+        result = ChunkResult(chunk.number)
+        run_items(
+            self.fn,
+            self.items,
+            chunk.start,
+            chunk.stop,
+            result,
+            cancelled=self._cancelled,
+            keep=None,
+            tick=self._tick,
+            in_process=True,
+        )
+        if self.heartbeat_error is not None:
+            error, self.heartbeat_error = self.heartbeat_error, None
+            raise error
+        # What workers return is unpickled, so never a view of the caller's
+        # data; here a function may return one (x[nn]): give a copy.
+        result.values = [_unshared(v) for v in result.values or []]
+        return [result]
+
+    def _cancelled(self) -> bool:
+        try:
+            if self.heartbeat():
+                self.stopped = True  # past the deadline: the engine raises the timeout
+        except BaseException as exc:  # the progress display failed: not the item's fault
+            self.heartbeat_error = exc
+            self.stopped = True
+        return self.stopped
+
+    def _tick(self) -> None:
+        self.done += 1
+
+    def items_done(self) -> int:
+        return self.done
+
+    def cancel(self, grace: float, kill: bool) -> None:
+        self.stopped = True
+        self.queue.clear()
+
+    def release(self) -> None:
+        self.queue.clear()
+        self.fn = self.items = None
+
+
+def _unshared(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and value.base is not None:
+        return value.copy()
+    return value
