@@ -8,15 +8,19 @@ The library works without IPython: :func:`share`, :func:`empty`,
 from __future__ import annotations
 
 from ._malloc import tune_malloc
-from .api import parallel_map, prestart
+from .api import last_errors, parallel_map, prestart
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
     DanglingAttributeError,
     DaskBackendError,
+    FailedItems,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    ItemsFailedWarning,
+    ParallelInterrupt,
     ParallelTimeoutError,
+    PartialResults,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
     ShmKernelSafeError,
@@ -51,9 +55,13 @@ __all__ = [
     "DanglingArrayError",
     "DanglingAttributeError",
     "DaskBackendError",
+    "FailedItems",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "ItemsFailedWarning",
+    "ParallelInterrupt",
     "ParallelTimeoutError",
+    "PartialResults",
     "SegmentNotFoundError",
     "SharedArray",
     "SharedMemoryCapacityError",
@@ -67,6 +75,7 @@ __all__ = [
     "handle_of",
     "is_dangling",
     "is_protected",
+    "last_errors",
     "live_segments",
     "parallel_map",
     "prestart",

@@ -3,6 +3,8 @@ makes. It picks a transport by name and hands the run to the engine."""
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,15 +12,43 @@ import numpy as np
 
 from .engine import sharing
 from .engine.progress import make_progress
-from .engine.run import ProgressCallback, Run, check_options, check_processes
+from .engine.protocol import Subset
+from .engine.results import finish, prior_values
+from .engine.run import (
+    ProgressCallback,
+    Run,
+    check_options,
+    check_processes,
+    check_recovery,
+)
 from .engine.transport import Inputs, Transport
-from .errors import InvalidArgumentError
+from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning, PartialResults
 from .transports.local.transport import LocalTransport
 from .transports.local.transport import prestart as _prestart_local
 from .transports.serial import SerialTransport
 
 #: Names accepted by ``backend=`` / ``--backend``.
 BACKENDS = ("local", "dask", "serial")
+
+_last = threading.local()  # the failed items of this thread's last call
+
+
+def last_errors() -> FailedItems:
+    """The errors of the failed items of this thread's last :func:`parallel_map` call.
+
+    With ``errors="continue"`` a run goes on past failing items and only
+    warns; this returns one error per failed item (a ``TaskError`` with the
+    item and the remote traceback, or a ``WorkerDiedError``), in item
+    order. It also carries the run's ``done`` and ``partial``, so
+    ``parallel_map(fn, items, resume=sks.last_errors())`` re-runs just the
+    failed items. Empty when the last call had no failed item.
+
+    Returns
+    -------
+    FailedItems
+        A list of exceptions with ``done`` and ``partial`` attributes.
+    """
+    return getattr(_last, "errors", None) or FailedItems([])
 
 
 def make_transport(
@@ -77,7 +107,11 @@ def parallel_map(
     progress: ProgressCallback | str | None = None,
     backend: str = "local",
     client: Any = None,
-) -> np.ndarray | list:
+    errors: str = "raise",
+    retries: int = 0,
+    item_timeout: float | None = None,
+    resume: Any = None,
+) -> np.ndarray | np.ma.MaskedArray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
     Big arrays that ``fn`` reaches (closure, globals, defaults) or that are
@@ -127,12 +161,32 @@ def parallel_map(
     client : distributed.Client or str, optional
         With ``backend="dask"``: the client to use, or a scheduler address;
         None starts a loopback ``LocalCluster`` once and reuses it.
+    errors : {"raise", "continue"}
+        ``"raise"``: the first failed item stops the run (raising what
+        completed along). ``"continue"``: failed items are skipped, their
+        results masked (or None in a list), one :class:`ItemsFailedWarning`
+        sums them up, and :func:`last_errors` lists them.
+    retries : int
+        Times an item whose worker died (segfault, OOM kill) is run again on
+        a fresh worker before it fails. Default 0: the crashes this field
+        sees most (a C extension's segfault) recur on every try, and each
+        try costs a fresh worker; raise it for transient kills (OOM under
+        memory pressure). On dask, this comes on top of dask's own retries.
+    item_timeout : float, optional
+        Seconds one item may run; a longer one has its worker stopped and
+        replaced and fails with ``TimeoutError`` (local backend only).
+    resume : exception or FailedItems, optional
+        What an earlier call of the same ``fn`` over the same ``items``
+        completed (an error it raised, or :func:`last_errors`): only the
+        items not done run, and the complete result is returned.
 
     Returns
     -------
-    numpy.ndarray or list
+    numpy.ndarray, numpy.ma.MaskedArray or list
         An ndarray when the results are numbers or equal-shape arrays, else
-        a list; always memory the caller owns, never a view of shared memory.
+        a list; always memory the caller owns, never a view of shared
+        memory. With ``errors="continue"`` and failed items: a masked array
+        masked where they failed, or a list with None there.
 
     Raises
     ------
@@ -143,8 +197,14 @@ def parallel_map(
         A worker died (segfault, ``os._exit``, OOM kill); names its item.
     ParallelTimeoutError
         The call ran past ``timeout``.
-    KeyboardInterrupt
-        The call was interrupted; workers stop within a second.
+    ParallelInterrupt
+        The call was interrupted (a ``KeyboardInterrupt``); workers stop
+        within a second.
+
+        Each of these four carries what completed: ``exc.done`` (one bool
+        per item) and ``exc.partial`` (the results of those items); the
+        writes of completed items into ``out=`` arrays have landed. Pass
+        ``resume=exc`` to run the rest.
     InvalidArgumentError
         An argument is invalid (also a ``ValueError``; the ``TypeError``
         subclass :class:`InvalidArgumentTypeError` for wrong types), raised
@@ -156,7 +216,8 @@ def parallel_map(
     Notes
     -----
     In every case remaining work stops, stuck workers are replaced and no
-    segment is left in ``/dev/shm``.
+    segment is left in ``/dev/shm``. The writes an item made into an
+    ``out=`` array before it failed may land too.
 
     Examples
     --------
@@ -167,22 +228,38 @@ def parallel_map(
     array([ 3., 12., 21., 30.])
     """
     outputs, seq = check_options(fn, chunksize, timeout, out, items)
+    check_recovery(errors, retries, item_timeout)
     transport = make_transport(
         backend, processes=processes, start_method=start_method, client=client
     )
-    if len(seq) == 0:
-        return []
+    prior = _prior(resume, len(seq))
+    _last.errors = None
+    todo = None if prior is None else np.flatnonzero(~prior[0])
+    if len(seq) == 0 or (todo is not None and len(todo) == 0):
+        return [] if prior is None else finish(prior_values(prior[1], prior[0]), prior[0])
     inputs = Inputs(share_threshold, tuple(share), outputs)
     # A display made here (progress given as a mode) is ours to close, also
     # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
     callback = display if isinstance(progress, str) else progress
     run = Run(
-        fn, seq, transport, chunksize=chunksize, timeout=timeout, inputs=inputs, progress=callback
+        fn,
+        seq if todo is None else Subset(seq, todo),
+        transport,
+        chunksize=chunksize,
+        timeout=timeout,
+        inputs=inputs,
+        progress=callback,
+        errors=errors,
+        retries=retries,
+        item_timeout=item_timeout,
+        positions=todo,
     )
     try:
         result = run.execute()
     except BaseException as exc:
+        if prior is not None and isinstance(exc, PartialResults) and exc.done is not None:
+            exc.done, exc.partial = _merged(prior, todo, run)
         if display is not None:
             display.close(error=exc)
         raise
@@ -190,7 +267,47 @@ def parallel_map(
         transport.release()
     if display is not None:
         display.close()
+    if prior is not None:
+        done, result = _merged(prior, todo, run)
+    else:
+        done = run.done
+    if run.failures:
+        failed = FailedItems([run.failures[i] for i in sorted(run.failures)], done.copy(), result)
+        _last.errors = failed
+        warnings.warn(ItemsFailedWarning(failed.summary(), failed), stacklevel=2)
     return result
+
+
+def _prior(resume: Any, n_items: int) -> tuple[np.ndarray, Any] | None:
+    """(done, partial) of the run to resume, checked against these items."""
+    if resume is None:
+        return None
+    done = getattr(resume, "done", None)
+    if done is None or not hasattr(resume, "partial"):
+        raise InvalidArgumentError(
+            "resume",
+            "must be an error raised by parallel_map (with .done and .partial) or "
+            f"shm_kernel_safe.last_errors(), got {type(resume).__name__}",
+        )
+    done = np.asarray(done, dtype=bool)
+    if done.shape != (n_items,):
+        raise InvalidArgumentError(
+            "resume",
+            f"is from a run of {done.size} items; these are {n_items} "
+            f"(resume the same items the failed run had)",
+        )
+    return done, resume.partial
+
+
+def _merged(prior: tuple[np.ndarray, Any], todo: np.ndarray | None, run: Run) -> tuple:
+    """(done, result) of an earlier run completed by ``run``, which ran ``todo``."""
+    done = prior[0].copy()
+    values = prior_values(prior[1], prior[0])
+    ran = run.values()
+    for k in np.flatnonzero(run.done):
+        values[todo[k]] = ran[k]  # type: ignore[index]
+    done[todo] = run.done
+    return done, finish(values, done)
 
 
 def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:

@@ -93,7 +93,28 @@ def _human(nbytes: int) -> str:
 human_bytes = _human
 
 
-class _RemoteFailure(ShmKernelSafeError):
+class PartialResults:
+    """What a run that did not finish had completed (mixed into its errors).
+
+    Attributes
+    ----------
+    done : numpy.ndarray of bool or None
+        One entry per item: True where the item completed and its result is
+        in ``partial`` (and its writes into ``out=`` arrays have landed).
+    partial : numpy.ma.MaskedArray, list or None
+        What the call would have returned, for the completed items: a masked
+        array (masked where not done) when the results stack, else a list
+        with None there.
+
+    Pass the exception to ``parallel_map(..., resume=exc)`` to run only the
+    items not done and get the complete result.
+    """
+
+    done = None
+    partial = None
+
+
+class _RemoteFailure(PartialResults, ShmKernelSafeError):
     """Failures that happened in another process.
 
     IPython calls ``_render_traceback_`` (as for ipyparallel's RemoteError)
@@ -101,11 +122,19 @@ class _RemoteFailure(ShmKernelSafeError):
     engine internals: the user sees the item and the remote traceback.
     """
 
+    #: Set by the front end (the magic) to say how to resume in its own terms.
+    resume_hint: str | None = None
+
     def _render_traceback_(self) -> list[str]:
         lines = str(self).splitlines()
-        return (
+        head = (
             [f"{type(self).__name__}: {lines[0]}", *lines[1:]] if lines else [type(self).__name__]
         )
+        if self.done is not None:
+            completed = int(self.done.sum())
+            hint = self.resume_hint or "parallel_map(..., resume=exc) runs only the rest"
+            head.append(f"\n{completed} of {len(self.done)} items completed and were kept; {hint}")
+        return head
 
 
 class TaskError(_RemoteFailure):
@@ -137,6 +166,57 @@ class WorkerDiedError(_RemoteFailure):
 
 class ParallelTimeoutError(_RemoteFailure, TimeoutError):
     """A call ran past its ``timeout=``; its workers were stopped."""
+
+
+class ParallelInterrupt(PartialResults, KeyboardInterrupt):
+    """A run was interrupted (Ctrl-C, a kernel interrupt); its workers stopped.
+
+    A ``KeyboardInterrupt``, so ``except KeyboardInterrupt`` still catches
+    it; carries what completed (``done``, ``partial``) like the other errors.
+    """
+
+
+class ItemsFailedWarning(UserWarning):
+    """Some items failed in a run with ``errors="continue"``.
+
+    Attributes
+    ----------
+    errors : FailedItems
+        One error per failed item (``TaskError``, or ``WorkerDiedError`` for
+        an item whose worker died), also returned by
+        :func:`shm_kernel_safe.last_errors`.
+    """
+
+    def __init__(self, message: str, errors: FailedItems) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class FailedItems(list):
+    """The errors of the failed items of a run with ``errors="continue"``,
+    in item order, with the run's ``done`` and ``partial`` (its results),
+    so that ``parallel_map(..., resume=failed)`` re-runs just those items."""
+
+    def __init__(self, errors: list, done: object = None, partial: object = None) -> None:
+        super().__init__(errors)
+        self.done = done
+        self.partial = partial
+
+    def summary(self, limit: int = 3) -> str:
+        """One line: how many failed, and the first few items with their errors."""
+        total = 0 if self.done is None else len(self.done)  # type: ignore[arg-type]
+        shown = ", ".join(f"{e.index} {_short_error(e)}" for e in self[:limit])
+        more = f", and {len(self) - limit} more" if len(self) > limit else ""
+        return f"{len(self)} of {total} items failed: {shown}{more}"
+
+
+def _short_error(error: BaseException) -> str:
+    exc_type = getattr(error, "exc_type", type(error).__name__)
+    message = getattr(error, "remote_message", None)
+    if message is None:
+        message = str(error).split(";")[0]
+    text = f"{exc_type}({message!r})"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class DaskBackendError(ShmKernelSafeError):

@@ -109,7 +109,11 @@ class DyingTransport(SerialTransport):
         chunk = self.queue[0] if self.queue else None
         if chunk is not None and chunk.start <= self.dies_on < chunk.stop:
             raise WorkerLost(
-                index=self.dies_on, who="worker 7", how=" (signal 9)", recovery="it was replaced"
+                chunks=[chunk.number],
+                index=self.dies_on,
+                who="worker 7",
+                how=" (signal 9)",
+                recovery="it was replaced",
             )
         return super().wait(timeout)
 
@@ -119,11 +123,11 @@ def test_lost_worker_becomes_worker_died_error_naming_the_item():
     with pytest.raises(sks.WorkerDiedError) as info:
         Run(lambda i: i, list("abcdefgh"), transport, inputs=Inputs(1)).execute()
     assert info.value.index == 5
-    assert str(info.value) == (
-        "worker 7 died (signal 9) while running item 5 ('f'); it was replaced, "
-        "nothing else was lost"
-    )
+    assert str(info.value) == "worker 7 died (signal 9) while running item 5 ('f'); it was replaced"
     assert transport.stopped  # the engine cancelled the rest
+    done, partial = info.value.done, info.value.partial
+    assert done[0] and not done[5]  # the chunks before the dead one were kept
+    assert partial == [c if d else None for c, d in zip("abcdefgh", done, strict=True)]
 
 
 def test_deadline_stops_between_items_with_progress_so_far():

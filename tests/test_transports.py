@@ -12,52 +12,11 @@ import pytest
 import shm_kernel_safe as sks
 from shm_kernel_safe.memory import arrays
 
-from .conftest import worker_children
+from .backends import backend, kw  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(180)
 
 X = np.random.default_rng(3).standard_normal((40_000, 16))  # 5 MB: shared / scattered
-
-BACKENDS = [
-    pytest.param({"backend": "local", "start_method": "forkserver"}, id="local-forkserver"),
-    pytest.param({"backend": "local", "start_method": "spawn"}, id="local-spawn"),
-    pytest.param({"backend": "local", "start_method": "fork"}, id="local-fork"),
-    pytest.param({"backend": "dask"}, id="dask"),
-    pytest.param({"backend": "serial"}, id="serial"),
-]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def kw(request):
-    """parallel_map keyword arguments that select one transport.
-
-    Module-scoped, so pytest runs every test on one transport before the
-    next: our dask cluster (2 workers on loopback) is started once, and is
-    gone, with all its processes, before the next transport's tests.
-    """
-    options = dict(request.param)
-    if options["backend"] == "local":
-        options["processes"] = 2
-    if options["backend"] != "dask":
-        yield options
-        return
-    pytest.importorskip("distributed")
-    from shm_kernel_safe.transports.dask import cluster
-
-    cluster.get_client(None, processes=2)
-    yield options
-    cluster.close_all()
-    deadline = time.monotonic() + 10
-    while (alive := worker_children()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
-
-
-@pytest.fixture(autouse=True)
-def no_orphans_outside_dask(kw, request):
-    """Local and serial runs leave no process; dask's workers live per module."""
-    if kw["backend"] != "dask":
-        request.getfixturevalue("no_orphans")
 
 
 def hourly(nn: int) -> float:

@@ -31,6 +31,7 @@ def run_items(
     cancelled: Callable[[], Any] = _never,
     keep: Callable[[int, Any], None] | None = None,
     tick: Callable[[], None] | None = None,
+    keep_going: bool = False,
     in_process: bool = False,
 ) -> ChunkResult:
     """Run ``fn(items[i])`` for ``i`` in ``start..stop-1`` into ``result``.
@@ -41,41 +42,53 @@ def run_items(
         Checked before each item; true stops the chunk there.
     keep
         ``keep(i, value)`` stores a result; None collects them in
-        ``result.values``.
+        ``result.values`` (None stands for a failed item).
     tick
-        Called after each completed item (progress).
+        Called after each processed item (progress).
+    keep_going
+        An item that raises is recorded in ``result.failed`` and the chunk
+        goes on; otherwise it stops the chunk (``result.error``).
     in_process
         The loop runs in the caller's own process (the serial transport):
         ``KeyboardInterrupt`` propagates as an interrupt instead of failing
-        the item, and the error keeps its live traceback for the debugger.
+        the item (``result`` then holds what completed), and errors keep
+        their live traceback for the debugger.
 
     Returns
     -------
     ChunkResult
-        ``result``, with ``done``, ``seconds``, ``values`` and, when an item
-        raised, ``error`` (the chunk stops at that item).
+        ``result``, with ``done`` (items processed from ``start``),
+        ``seconds`` and ``values``.
     """
     values: list | None = [] if keep is None else None
     done = 0
-    i = start
     t0 = time.perf_counter()
     try:
         for i in range(start, stop):
             if cancelled():
                 break
-            value = fn(items[i])
-            if values is not None:
-                values.append(value)
+            try:
+                value = fn(items[i])
+            except BaseException as exc:
+                if in_process and isinstance(exc, KeyboardInterrupt):
+                    raise
+                error = describe_error(exc, i, items, keep_traceback=in_process)
+                if not keep_going:
+                    result.error = error
+                    break
+                result.failed[i] = error
+                if values is not None:
+                    values.append(None)
             else:
-                keep(i, value)  # type: ignore[misc]
+                if values is not None:
+                    values.append(value)
+                else:
+                    keep(i, value)  # type: ignore[misc]
             done += 1
             if tick is not None:
                 tick()
-    except BaseException as exc:
-        if in_process and isinstance(exc, KeyboardInterrupt):
-            raise
-        result.error = describe_error(exc, i, items, keep_traceback=in_process)
-    result.seconds = time.perf_counter() - t0
-    result.done = done
-    result.values = values
+    finally:
+        result.seconds = time.perf_counter() - t0
+        result.done = done
+        result.values = values
     return result

@@ -108,3 +108,9 @@ class Plan:
         rest = [Chunk(len(self.chunks) + k, s, e) for k, (s, e) in enumerate(spans)]
         self.chunks.extend(rest)
         return rest
+
+    def add(self, start: int, stop: int) -> Chunk:
+        """A chunk for items ``start..stop-1`` run again (after a worker died)."""
+        chunk = Chunk(len(self.chunks), start, stop)
+        self.chunks.append(chunk)
+        return chunk

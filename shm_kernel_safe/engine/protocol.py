@@ -56,10 +56,11 @@ class ChunkResult:
     """What one chunk did."""
 
     chunk: int
-    done: int = 0  # items that completed
+    done: int = 0  # items processed from the chunk's start (failed ones too, with keep_going)
     values: list | None = None  # results, when the transport keeps no shared result array
     misfits: dict[int, Any] = field(default_factory=dict)  # results that do not stack
-    error: RemoteError | None = None
+    error: RemoteError | None = None  # the item that stopped the chunk
+    failed: dict[int, RemoteError] = field(default_factory=dict)  # items that failed, kept going
     seconds: float = 0.0  # wall time of the items, for adaptive chunk sizing
     # elements of output arrays the chunk changed, key -> (flat indices, values),
     # for transports whose workers cannot write the caller's arrays in place
@@ -102,3 +103,26 @@ def describe_error(
         original,
         exc.__traceback__ if keep_traceback else None,
     )
+
+
+class Subset:
+    """``items[positions[k]]`` as a sequence: the items a resumed run still has to do.
+
+    Pickled with the payload (by reference to this module), so workers index
+    the caller's items through it without a copy of them.
+    """
+
+    __slots__ = ("items", "positions")
+
+    def __init__(self, items: Any, positions: np.ndarray) -> None:
+        self.items = items
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> Any:
+        return self.items[int(self.positions[k])]
+
+    def __reduce__(self) -> tuple:
+        return Subset, (self.items, self.positions)

@@ -65,3 +65,52 @@ def gather(
         return np.array(stacked, copy=True)  # owned memory, never a view
     values = [misfits[i] if i in misfits else owned(stacked[i]) for i in range(n_items)]
     return stack_or_list(values)
+
+
+def item_values(
+    results: Iterable[ChunkResult],
+    starts: dict[int, int],
+    n_items: int,
+    stacked: np.ndarray | None,
+    done: np.ndarray,
+) -> list:
+    """One entry per item, None where nothing completed (``starts``: chunk -> first item)."""
+    values: list = [None] * n_items
+    if stacked is not None:
+        for i in np.flatnonzero(done):
+            values[i] = owned(stacked[i])
+    for res in results:
+        if res.values:
+            start = starts[res.chunk]
+            values[start : start + len(res.values)] = res.values
+        for i, value in res.misfits.items():
+            values[i] = value
+    return values
+
+
+def finish(values: list, done: np.ndarray) -> np.ndarray | np.ma.MaskedArray | list:
+    """The return value from per-item values: an ndarray when every item is
+    done and the values stack; a masked array (masked where not done) when
+    the done values stack; else a list with None where not done."""
+    n_items = len(values)
+    if done.all():
+        return stack_or_list(values)
+    present = [values[i] for i in np.flatnonzero(done)]
+    stacked = stack_or_list(present) if present else []
+    if not isinstance(stacked, np.ndarray):
+        return [v if d else None for v, d in zip(values, done, strict=True)]
+    full = np.zeros((n_items, *stacked.shape[1:]), dtype=stacked.dtype)
+    full[done] = stacked
+    hidden = ~done.reshape((n_items,) + (1,) * (full.ndim - 1))
+    return np.ma.MaskedArray(full, mask=np.broadcast_to(hidden, full.shape).copy())
+
+
+def prior_values(partial: Any, done: np.ndarray) -> list:
+    """Per-item values of an earlier run's ``partial`` (None where not done)."""
+    values: list = [None] * len(done)
+    for i in np.flatnonzero(done):
+        if isinstance(partial, np.ma.MaskedArray):
+            values[i] = owned(partial.data[i])
+        else:
+            values[i] = partial[i]
+    return values

@@ -21,7 +21,9 @@ import numpy as np
 from ..errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    ParallelInterrupt,
     ParallelTimeoutError,
+    PartialResults,
     TaskError,
     WorkerDiedError,
 )
@@ -29,10 +31,13 @@ from . import tracebacks
 from .planning import Chunk, Plan
 from .progress import ThrottledReport
 from .protocol import ChunkResult, Payload, RemoteError
-from .results import gather
+from .results import finish, gather, item_values
 from .transport import Inputs, Transport, WorkerLost
 
 ProgressCallback = Callable[[int, int], None]
+
+#: What a failed item does to the run: stop it, or be recorded while it goes on.
+ERROR_MODES = ("raise", "continue")
 
 #: How long running chunks get to notice a cancel before their workers are stopped.
 CANCEL_GRACE = 0.5
@@ -68,6 +73,24 @@ def check_options(
     return outputs, as_sequence(items)
 
 
+def check_recovery(errors: Any, retries: Any, item_timeout: Any) -> None:
+    """``errors``, ``retries`` and ``item_timeout`` are valid."""
+    if errors not in ERROR_MODES:
+        raise InvalidArgumentError(
+            "errors", f"must be one of {', '.join(map(repr, ERROR_MODES))}, got {errors!r}"
+        )
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArgumentError("retries", f"must be an integer >= 0, got {retries!r}")
+    if item_timeout is not None and not (
+        isinstance(item_timeout, (int, float))
+        and not isinstance(item_timeout, bool)
+        and item_timeout > 0
+    ):
+        raise InvalidArgumentError(
+            "item_timeout", f"must be a positive number of seconds, got {item_timeout!r}"
+        )
+
+
 def check_processes(processes: Any) -> None:
     """``processes`` is None or a positive integer."""
     if processes is not None and (
@@ -89,6 +112,8 @@ def as_sequence(items: Any) -> Any:
 
 
 # -- the run ----------------------------------------------------------------------
+
+
 class Run:
     """One call: ``fn`` over ``items`` on ``transport``.
 
@@ -97,7 +122,7 @@ class Run:
     fn, items
         The function and its work items (a sequence).
     transport
-        Where the chunks run; the run releases it when it ends.
+        Where the chunks run; the caller releases it when the run ends.
     chunksize
         Fixed items per chunk, or None to plan from the probe.
     timeout
@@ -106,6 +131,22 @@ class Run:
         How arrays travel (sharing threshold, forced and output arrays).
     progress
         ``progress(done, total)``, called from this thread, throttled.
+    errors
+        ``"raise"``: the first failed item stops the run. ``"continue"``:
+        failed items are recorded (``self.failures``) and the run goes on.
+    retries
+        How many times an item whose worker died is run again, on a fresh
+        worker, before it counts as failed.
+    item_timeout
+        Seconds an item may run before its worker is stopped and the item
+        fails with ``TimeoutError`` (transports that can stop one worker).
+    positions
+        The original index of each item (a resumed run runs a subset).
+
+    Whatever happens, the run ends with ``done`` (one bool per item) and
+    what completed, which every error it raises carries (``exc.done``,
+    ``exc.partial``), with the writes of completed items into ``out=``
+    arrays landed.
     """
 
     def __init__(
@@ -118,6 +159,10 @@ class Run:
         timeout: float | None = None,
         inputs: Inputs,
         progress: ProgressCallback | None = None,
+        errors: str = "raise",
+        retries: int = 0,
+        item_timeout: float | None = None,
+        positions: np.ndarray | None = None,
     ) -> None:
         self.fn = fn
         self.items = items
@@ -126,67 +171,188 @@ class Run:
         self.chunksize = chunksize
         self.timeout = timeout
         self.inputs = inputs
+        self.keep_going = errors == "continue"
+        self.retries = retries
+        self.item_timeout = item_timeout
+        self.positions = positions
         self.deadline: float | None = None
         self.results: dict[int, ChunkResult] = {}
+        self.done = np.zeros(self.n_items, dtype=bool)
+        self.failures: dict[int, BaseException] = {}  # item -> its error (keep_going)
+        self.attempts: dict[int, int] = {}  # item -> times its worker died under it
+        self.timed_out: set[int] = set()
         self.stacked: np.ndarray | None = None
         self.plan: Plan | None = None
+        self.pending: set[int] = set()
         self.show_progress = ThrottledReport(progress, self.n_items, transport.items_done)
 
-    def execute(self) -> np.ndarray | list:
-        """Run every item; the results in item order."""
+    # -- the happy path ------------------------------------------------------------
+    def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
+        """Run every item; the results in item order (masked where items failed)."""
         if self.timeout is not None:
             self.deadline = time.monotonic() + self.timeout
         transport = self.transport
         try:
-            transport.encode(Payload(self.fn, self.items), self.inputs)
+            transport.encode(
+                Payload(self.fn, self.items),
+                self.inputs,
+                keep_going=self.keep_going,
+                item_timeout=self.item_timeout,
+            )
         except InvalidArgumentError:
             raise
         except Exception as exc:
             raise unpicklable_error(self.fn, exc) from exc
         transport.start(self._chunk_bound, self._heartbeat)
         plan = self.plan = Plan(self.n_items, transport.workers, self.chunksize)
-        self._run_chunks(plan.chunks)
-        if plan.probing:
-            probe = self.results[0]
-            self.stacked = transport.stack_results(probe.values[0], self.n_items)  # type: ignore[index]
-            self._run_chunks(plan.cut_rest(probe.seconds, transport.min_chunk_seconds))
+        try:
+            self._run_chunks(plan.chunks)
+            if plan.probing:
+                probe = self.results[0]
+                if probe.done and probe.values and 0 not in self.failures:
+                    self.stacked = transport.stack_results(probe.values[0], self.n_items)
+                self._run_chunks(plan.cut_rest(probe.seconds, transport.min_chunk_seconds))
+        except BaseException as exc:
+            raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
         transport.land_outputs()
-        return gather(self.results.values(), self.n_items, self.stacked)
+        if not self.failures and not self.attempts and self.positions is None:
+            return gather(self.results.values(), self.n_items, self.stacked)
+        return finish(self.values(), self.done)
 
     def _chunk_bound(self, workers: int) -> int:
-        # The most chunks the run sends to ``workers`` workers: asked by a
+        # The most chunks the plan sends to ``workers`` workers: asked by a
         # transport that sizes per-chunk state up front (local: its control block).
         return Plan(self.n_items, workers, self.chunksize).max_chunks()
 
+    def values(self) -> list:
+        """One value per item, None where it did not complete."""
+        starts = {c.number: c.start for c in self.plan.chunks} if self.plan else {}
+        return item_values(self.results.values(), starts, self.n_items, self.stacked, self.done)
+
     # -- waiting ---------------------------------------------------------------
     def _run_chunks(self, chunks: list[Chunk]) -> None:
-        transport = self.transport
         for chunk in chunks:
-            transport.submit(chunk)
-        pending = {c.number for c in chunks}
+            self._submit(chunk)
+        while self.pending:
+            try:
+                finished = self.transport.wait(self._poll_timeout())
+            except WorkerLost as lost:
+                self._recover(lost)
+                continue
+            errors = []
+            for res in finished:  # every result of the batch is kept before one raises
+                try:
+                    self._take(res)
+                except TaskError as exc:
+                    errors.append(exc)
+            if errors:
+                raise min(errors, key=lambda e: e.index)
+            self.show_progress()
+            if self.item_timeout is not None:
+                self._stop_overdue_items()
+            if self.pending and self._past_deadline():
+                raise ParallelTimeoutError(
+                    f"parallel_map did not finish within {self.timeout} s "
+                    f"({int(self.done.sum())}/{self.n_items} items done); "
+                    f"{self.transport.stopped_text}"
+                )
+
+    def _submit(self, chunk: Chunk) -> None:
+        self.transport.submit(chunk)
+        self.pending.add(chunk.number)
+
+    def _take(self, res: ChunkResult) -> None:
+        """Record a chunk's result: what completed, what failed."""
+        chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
+        self.results[res.chunk] = res
+        self.done[chunk.start : chunk.start + res.done] = True
+        for index, err in res.failed.items():
+            self.done[index] = False
+            self.failures[index] = task_error(err, self.fn, self._original(index))
+        if res.error is not None:
+            raise task_error(res.error, self.fn, self._original(res.error.index))
+        if res.done == chunk.size:
+            self.pending.discard(res.chunk)
+        # else: stopped early (its deadline passed); the loop raises the timeout
+
+    # -- dead and stuck workers ----------------------------------------------------
+    def _recover(self, lost: WorkerLost) -> None:
+        """A worker died: fail or retry the item it ran, run the rest again.
+
+        Every chunk the transport lost goes again (split around the culprit);
+        where the culprit is not known, item by item, so that the next death
+        names it. Raises when the item fails and ``errors="raise"``.
+        """
+        plan = self.plan
+        assert plan is not None
+        lost_chunks = [c for c in lost.chunks if c in self.pending]
+        culprit = lost.index
+        failed_now = False
+        if culprit is not None:
+            self.attempts[culprit] = self.attempts.get(culprit, 0) + 1
+            failed_now = culprit in self.timed_out or self.attempts[culprit] > self.retries
+        if failed_now and not self.keep_going:
+            raise self._item_lost_error(culprit, lost)  # type: ignore[arg-type]
+        if not lost.recoverable or (culprit is None and not self.keep_going and self.retries == 0):
+            raise self._worker_died(lost)
+        self.transport.recover()
+        if failed_now:
+            self.failures[culprit] = self._item_lost_error(culprit, lost)  # type: ignore[index]
+        for number in lost_chunks:
+            self.pending.discard(number)
+            chunk = plan.chunks[number]
+            start = chunk.start + (self.results[number].done if number in self.results else 0)
+            if culprit is not None and start <= culprit < chunk.stop:
+                spans = [(start, culprit), (culprit + 1, chunk.stop)]
+                if not failed_now:
+                    spans.append((culprit, culprit + 1))
+            elif culprit is None:
+                spans = [(i, i + 1) for i in range(start, chunk.stop)]
+            else:
+                spans = [(start, chunk.stop)]
+            for a, b in spans:
+                if a < b:
+                    self._submit(plan.add(a, b))
+
+    def _item_lost_error(self, index: int, lost: WorkerLost) -> BaseException:
+        original = self._original(index)
+        if index in self.timed_out:
+            error = TaskError(
+                original,
+                short_repr(self.items, index),
+                "TimeoutError",
+                f"the item ran longer than item_timeout={self.item_timeout} s; "
+                f"its worker was stopped and replaced",
+                "",
+            )
+            error.__cause__ = TimeoutError(f"item {original} timed out")
+            return error
+        return self._worker_died(lost, index)
+
+    def _stop_overdue_items(self) -> None:
+        for index in self.transport.stop_overdue(self.item_timeout):  # type: ignore[arg-type]
+            self.timed_out.add(index)
+
+    # -- stopping ------------------------------------------------------------------
+    def _stopped(self, exc: BaseException) -> BaseException:
+        """Stop what runs, keep what completed, and give ``exc`` the partial results."""
+        kill = isinstance(exc, WorkerDiedError)
         try:
-            while pending:
-                for res in transport.wait(self._poll_timeout()):
-                    if res.error is not None:
-                        raise task_error(res.error, self.fn)
-                    if res.done < self.plan.chunks[res.chunk].size:  # type: ignore[union-attr]
-                        continue  # stopped early (its deadline passed): not complete
-                    self.results[res.chunk] = res
-                    pending.discard(res.chunk)
-                self.show_progress()
-                if pending and self._past_deadline():
-                    raise ParallelTimeoutError(
-                        f"parallel_map did not finish within {self.timeout} s "
-                        f"({transport.items_done()}/{self.n_items} items done); "
-                        f"{transport.stopped_text}"
-                    )
-        except WorkerLost as lost:
-            transport.cancel(CANCEL_GRACE, kill=True)
-            raise self._worker_died(lost) from None
-        except BaseException:
-            transport.cancel(CANCEL_GRACE, kill=False)
-            raise
+            for res in self.transport.cancel(CANCEL_GRACE, kill=kill):
+                with contextlib.suppress(TaskError):
+                    self._take(res)
+        finally:
+            self.transport.land_outputs()
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, ParallelInterrupt):
+            done = int(self.done.sum())
+            exc = ParallelInterrupt(
+                f"interrupted after {done} of {self.n_items} items; their results are kept "
+                f"(exc.partial), parallel_map(..., resume=exc) runs the rest"
+            )
+        if isinstance(exc, PartialResults):
+            exc.done, exc.partial = self.done.copy(), finish(self.values(), self.done)
+        return exc
 
     def _poll_timeout(self) -> float:
         if self.deadline is None:
@@ -201,23 +367,40 @@ class Run:
         return self._past_deadline()
 
     # -- errors ------------------------------------------------------------------
-    def _worker_died(self, lost: WorkerLost) -> WorkerDiedError:
-        if lost.index is not None:
-            what = f"item {lost.index} ({short_repr(self.items, lost.index)})"
+    def _original(self, index: int) -> int:
+        return index if self.positions is None else int(self.positions[index])
+
+    def _worker_died(self, lost: WorkerLost, index: int | None = None) -> WorkerDiedError:
+        index = lost.index if index is None else index
+        if index is not None:
+            what = f"item {self._original(index)} ({short_repr(self.items, index)})"
         else:
             what = lost.span
         message = f"{lost.who} died{lost.how}"
         if what:
             message += f" while running {what}"
         if lost.recovery:
-            message += f"; {lost.recovery}, nothing else was lost"
-        return WorkerDiedError(message, lost.index, lost.exitcodes)
+            message += f"; {lost.recovery}"
+        if index is not None and self.attempts.get(index, 0) > 1:
+            message += f" (it ran {self.attempts[index]} times, each on a fresh worker)"
+        return WorkerDiedError(
+            message, None if index is None else self._original(index), lost.exitcodes
+        )
 
 
-def task_error(err: RemoteError, fn: Any) -> TaskError:
-    """The error a user sees for a failed item, with their own source lines."""
+def _cause(exc: BaseException) -> BaseException | None:
+    return exc.__cause__
+
+
+def task_error(err: RemoteError, fn: Any, index: int | None = None) -> TaskError:
+    """The error a user sees for a failed item, with their own source lines.
+
+    ``index`` is the item's index in the caller's items (a resumed run
+    numbers a subset).
+    """
     text = tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
-    error = TaskError(err.index, err.item_repr, err.exc_type, err.message, text)
+    index = err.index if index is None else index
+    error = TaskError(index, err.item_repr, err.exc_type, err.message, text)
     error.__cause__ = err.original
     error.__suppress_context__ = True
     if err.traceback is not None:

@@ -45,7 +45,9 @@ class Inputs:
 class WorkerLost(Exception):
     """A transport's report that a worker died; the engine words the error.
 
-    ``index`` is the item the dead worker was running when known exactly,
+    ``chunks`` are the chunks whose results are lost (the transport can run
+    them again after :meth:`Transport.recover`), ``index`` is the item the
+    dead worker was running when known exactly,
     ``span`` describes what it may have been running otherwise (``"one of
     items 0-99"``), ``how`` says how it died and ``recovery`` what was done
     about it.
@@ -54,6 +56,8 @@ class WorkerLost(Exception):
     def __init__(
         self,
         *,
+        chunks: list[int],
+        recoverable: bool = True,
         index: int | None = None,
         span: str = "",
         who: str = "a worker process",
@@ -62,6 +66,8 @@ class WorkerLost(Exception):
         exitcodes: str = "",
     ) -> None:
         super().__init__(who, how)
+        self.chunks = chunks  # chunks whose results are lost with the worker
+        self.recoverable = recoverable  # False: the run cannot go on (its data is gone)
         self.index = index
         self.span = span
         self.who = who
@@ -89,11 +95,21 @@ class Transport(ABC):
     workers: int = 1
 
     @abstractmethod
-    def encode(self, payload: Payload, inputs: Inputs) -> None:
+    def encode(
+        self,
+        payload: Payload,
+        inputs: Inputs,
+        *,
+        keep_going: bool = False,
+        item_timeout: float | None = None,
+    ) -> None:
         """Prepare the payload (pickling, sharing big arrays); starts no process.
 
-        Any exception here means the payload cannot travel; the engine
-        reports it as such.
+        ``keep_going``: chunks go on past an item that raises (recording it
+        in ``ChunkResult.failed``). ``item_timeout``: the run will ask
+        :meth:`stop_overdue`; a transport that cannot stop one item raises
+        ``InvalidArgumentError`` here. Any other exception means the payload
+        cannot travel; the engine reports it as such.
         """
 
     @abstractmethod
@@ -129,12 +145,28 @@ class Transport(ABC):
         """Items completed so far, running chunks included."""
 
     @abstractmethod
-    def cancel(self, grace: float, kill: bool) -> None:
+    def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         """Stop queued chunks now and running ones at their next item;
-        stop workers still busy after ``grace`` s (at once with ``kill``)."""
+        stop workers still busy after ``grace`` s (at once with ``kill``).
+
+        Returns the results of chunks that came back meanwhile (complete or
+        stopped early), so that what they completed is kept.
+        """
+
+    def recover(self) -> None:
+        """Make the transport usable again after :class:`WorkerLost`
+        (replace a broken pool); lost chunks are then submitted anew."""
+        raise WorkerLost(chunks=[], recovery="this transport cannot recover")
+
+    def stop_overdue(self, seconds: float) -> list[int]:
+        """Stop workers whose current item has run longer than ``seconds``;
+        their items (they then surface as :class:`WorkerLost`)."""
+        raise NotImplementedError(f"the {self.name} backend cannot stop a single item")
 
     def land_outputs(self) -> None:  # noqa: B027 - optional hook
-        """Make the writes into ``inputs.outputs`` visible in the caller's arrays."""
+        """Make the writes of completed items into ``inputs.outputs``
+        visible in the caller's arrays; called once, whether the run
+        succeeded or not."""
 
     @abstractmethod
     def release(self) -> None:

@@ -4,6 +4,7 @@ namespace, call the library, write owned copies back."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Any
@@ -13,9 +14,17 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..api import BACKENDS, parallel_map
+from ..api import BACKENDS, last_errors, parallel_map
 from ..engine.progress import PROGRESS_MODES
-from ..errors import CellSyntaxError, DaskBackendError, InvalidArgumentError, human_bytes
+from ..engine.run import as_sequence
+from ..errors import (
+    CellSyntaxError,
+    DaskBackendError,
+    InvalidArgumentError,
+    ParallelInterrupt,
+    _RemoteFailure,
+    human_bytes,
+)
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share
 from ..transports.dask import cluster as dask_cluster
@@ -23,6 +32,7 @@ from ..transports.local import pool
 from . import cells
 
 _BACKEND_KWARG = re.compile(r"backend='(\w+)'")
+_RESUME_FLAG = re.compile(r"(?<!\S)--resume(?!\S)")
 
 #: How the magic spells parallel_map's arguments, for its error messages.
 OPTION_OF = {
@@ -33,12 +43,21 @@ OPTION_OF = {
     "client": "--scheduler/--client",
     "backend": "--backend",
     "fn": "the cell",
+    "errors": "--errors",
+    "retries": "--retries",
+    "item_timeout": "--item-timeout",
+    "resume": "--resume",
 }
 
 
 @magics_class
 class ShmMagics(Magics):
     """Magics of shm_kernel_safe; see ``%%shm_parallel?``."""
+
+    def __init__(self, shell: Any = None) -> None:
+        super().__init__(shell)
+        # (line, cell) -> (items fingerprint, what its last failed run kept), for --resume
+        self._resumable: dict[tuple, tuple[str, Any]] = {}
 
     @magic_arguments()
     @argument(
@@ -114,6 +133,34 @@ class ShmMagics(Magics):
         help="gather the value of the cell's last expression for each item into NAME "
         "(an ndarray when the values stack, else a list)",
     )
+    @argument(
+        "--errors",
+        default="raise",
+        choices=["raise", "continue"],
+        help="raise: the first failed item stops the run (default); continue: failed items "
+        "are skipped (masked in --result), a warning sums them up",
+    )
+    @argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run an item whose worker died up to N more times on fresh workers",
+    )
+    @argument(
+        "--item-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop an item running longer than S seconds (its worker is replaced); "
+        "it fails with TimeoutError (local backend)",
+    )
+    @argument(
+        "--resume",
+        action="store_true",
+        help="run only the items the last failed or interrupted run of this cell "
+        "did not complete, and merge with what it kept",
+    )
     @cell_magic
     def shm_parallel(self, line: str, cell: str) -> None:
         """Run the cell once per item, in worker processes, safely.
@@ -144,6 +191,12 @@ class ShmMagics(Magics):
         ``--scheduler ADDRESS``, or the Client held by ``--client NAME``. Big
         arrays then reach each worker once per run; --out and --result come
         back the same way.
+
+        When a run fails (an item raises, a worker dies, --timeout, an
+        interrupt), what completed is kept: ``--out`` arrays hold the writes
+        of completed items, ``--result NAME`` holds their results (masked
+        where not done); run the cell again with ``--resume`` to do only the
+        rest. ``--errors continue`` goes on past failing items instead.
 
         ``--backend serial`` runs every item in this kernel, one after the
         other, with the same results and errors: put ``breakpoint()`` in the
@@ -178,6 +231,12 @@ class ShmMagics(Magics):
             raise UsageError(str(exc)) from None
 
         try:
+            items = as_sequence(items)  # a generator is listed once, here
+        except InvalidArgumentError as exc:
+            raise UsageError(self._restate(exc, spec.iterable, args)) from None
+        key = (_RESUME_FLAG.sub("", line).strip(), cell)
+        prior = self._prior_run(key, items) if args.resume else None
+        try:
             result = parallel_map(
                 fn,
                 items,
@@ -190,6 +249,10 @@ class ShmMagics(Magics):
                 progress=args.progress,
                 backend=args.backend,
                 client=client,
+                errors=args.errors,
+                retries=args.retries,
+                item_timeout=args.item_timeout,
+                resume=prior,
             )
         except InvalidArgumentError as exc:
             if exc.argument == "client" and args.client and isinstance(exc, TypeError):
@@ -199,9 +262,48 @@ class ShmMagics(Magics):
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
+        except (_RemoteFailure, KeyboardInterrupt) as exc:
+            self._kept_on_failure(key, items, exc, args.result)
+            raise
+        failed = last_errors()
+        if failed:
+            self._resumable[key] = (_fingerprint(items), failed)
+        else:
+            self._resumable.pop(key, None)
         if args.result is not None:
             ns[args.result] = result
         return None
+
+    def _kept_on_failure(self, key: tuple, items: Any, exc: BaseException, result: Any) -> None:
+        """After a failed run: keep what completed, and say how to resume."""
+        if getattr(exc, "done", None) is None:
+            return
+        self._resumable[key] = (_fingerprint(items), exc)
+        if result is not None:
+            self.shell.user_ns[result] = exc.partial  # type: ignore[attr-defined]
+        completed = int(exc.done.sum())  # type: ignore[attr-defined]
+        total = len(exc.done)  # type: ignore[attr-defined]
+        hint = "run the cell again with --resume to do only the rest"
+        if isinstance(exc, _RemoteFailure):
+            exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
+        elif isinstance(exc, ParallelInterrupt):
+            exc.args = (f"interrupted after {completed} of {total} items, which were kept; {hint}",)
+
+    def _prior_run(self, key: tuple, items: Any) -> Any:
+        """What the last failed run of this cell kept, for ``--resume``."""
+        record = self._resumable.get(key)
+        if record is None:
+            raise UsageError(
+                "--resume: no failed, interrupted or partly failed run of this cell (with "
+                "this line) in this kernel; run it without --resume"
+            )
+        fingerprint, state = record
+        if fingerprint != _fingerprint(items):
+            raise UsageError(
+                "--resume: the items are not those of the run to resume; "
+                "run the cell without --resume"
+            )
+        return state
 
     def _lookup(self, option: str, name: str) -> Any:
         """The value of ``name`` for ``option``; what it must be is the engine's to check."""
@@ -302,3 +404,16 @@ class ShmMagics(Magics):
             print("nothing to clean: no stale segments of this user")
         for seg in removed:
             print(f"removed {seg.name} ({human_bytes(seg.nbytes)}, owner pid {seg.owner_pid})")
+
+
+def _fingerprint(items: Any) -> str:
+    """What the items of a run were, to check that ``--resume`` resumes the same."""
+    if isinstance(items, np.ndarray):
+        data = np.ascontiguousarray(items)
+        digest = hashlib.sha1(memoryview(data).cast("B")).hexdigest()
+        return f"ndarray {items.shape} {items.dtype} {digest}"
+    try:
+        text = repr(list(items)) if not isinstance(items, range) else repr(items)
+    except Exception:
+        text = f"{type(items).__name__} {id(items)}"
+    return hashlib.sha1(text.encode()).hexdigest()

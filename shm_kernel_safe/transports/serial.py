@@ -26,6 +26,7 @@ from ..engine.chunk_loop import run_items
 from ..engine.planning import Chunk
 from ..engine.protocol import ChunkResult, Payload
 from ..engine.transport import Heartbeat, Inputs, Transport
+from ..errors import InvalidArgumentError
 
 
 class SerialTransport(Transport):
@@ -42,9 +43,25 @@ class SerialTransport(Transport):
         self.stopped = False
         self.heartbeat: Heartbeat = lambda: False
         self.heartbeat_error: BaseException | None = None
+        self.interrupted: ChunkResult | None = None
+        self.keep_going = False
 
-    def encode(self, payload: Payload, inputs: Inputs) -> None:
+    def encode(
+        self,
+        payload: Payload,
+        inputs: Inputs,
+        *,
+        keep_going: bool = False,
+        item_timeout: float | None = None,
+    ) -> None:
+        if item_timeout is not None:
+            raise InvalidArgumentError(
+                "item_timeout",
+                "is not supported by backend='serial' (an item in this process cannot be "
+                "stopped from outside; use timeout= to stop the run between items)",
+            )
         self.fn, self.items = payload.fn, payload.items
+        self.keep_going = keep_going
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.heartbeat = heartbeat
@@ -57,17 +74,22 @@ class SerialTransport(Transport):
             return []
         chunk = self.queue.popleft()
         result = ChunkResult(chunk.number)
-        run_items(
-            self.fn,
-            self.items,
-            chunk.start,
-            chunk.stop,
-            result,
-            cancelled=self._cancelled,
-            keep=None,
-            tick=self._tick,
-            in_process=True,
-        )
+        try:
+            run_items(
+                self.fn,
+                self.items,
+                chunk.start,
+                chunk.stop,
+                result,
+                cancelled=self._cancelled,
+                keep=None,
+                tick=self._tick,
+                keep_going=self.keep_going,
+                in_process=True,
+            )
+        except KeyboardInterrupt:
+            self.interrupted = result  # what completed before Ctrl-C: kept by cancel()
+            raise
         if self.heartbeat_error is not None:
             error, self.heartbeat_error = self.heartbeat_error, None
             raise error
@@ -91,9 +113,14 @@ class SerialTransport(Transport):
     def items_done(self) -> int:
         return self.done
 
-    def cancel(self, grace: float, kill: bool) -> None:
+    def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         self.stopped = True
         self.queue.clear()
+        interrupted, self.interrupted = self.interrupted, None
+        if interrupted is not None:
+            interrupted.values = [_unshared(v) for v in interrupted.values or []]
+            return [interrupted]
+        return []
 
     def release(self) -> None:
         self.queue.clear()

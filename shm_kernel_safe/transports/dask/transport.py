@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.sharing import ArrayPickler
 from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
-from ...errors import DaskBackendError
+from ...errors import DaskBackendError, InvalidArgumentError
 from . import cluster
 from .kept import content_name, kept_arrays
 
@@ -107,7 +108,20 @@ class DaskTransport(Transport):
         self._wake = threading.Event()
 
     # -- the run -------------------------------------------------------------------
-    def encode(self, payload: Payload, inputs: Inputs) -> None:
+    def encode(
+        self,
+        payload: Payload,
+        inputs: Inputs,
+        *,
+        keep_going: bool = False,
+        item_timeout: float | None = None,
+    ) -> None:
+        if item_timeout is not None:
+            raise InvalidArgumentError(
+                "item_timeout",
+                "is not supported by backend='dask' yet (use timeout= for the whole run)",
+            )
+        self.keep_going = keep_going
         self.items = payload.items
         buf = io.BytesIO()
         pickler = _ScatterPickler(
@@ -176,7 +190,7 @@ class DaskTransport(Transport):
         from .worker import DaskChunk, run_dask_chunk
 
         self.chunks[chunk.number] = chunk
-        spec = DaskChunk(self.call_id, chunk.number, chunk.start, chunk.stop)
+        spec = DaskChunk(self.call_id, chunk.number, chunk.start, chunk.stop, self.keep_going)
         fut = self.client.submit(
             run_dask_chunk,
             spec,
@@ -199,8 +213,7 @@ class DaskTransport(Transport):
         for fut in [f for f in self.futures if f.done()]:
             chunk = self.futures.pop(fut)
             res = self._collect(fut, chunk)
-            if res.error is None:
-                self.finished[res.chunk] = res
+            self.finished[res.chunk] = res  # its writes land, also when an item failed
             finished.append(res)
         return finished
 
@@ -232,6 +245,8 @@ class DaskTransport(Transport):
             spans += f" (or {len(running) - 4} more chunks)"
         index = self.chunks[running[0]].start if len(running) == 1 else None
         return WorkerLost(
+            chunks=running,
+            recoverable=False,
             index=index,
             span=f"one of {spans}",
             who="dask workers",
@@ -251,6 +266,7 @@ class DaskTransport(Transport):
             )
         done = self.partial.get(chunk.number, 0)
         return WorkerLost(
+            chunks=[chunk.number],
             span=f"one of items {chunk.start}-{chunk.stop - 1} "
             f"(at least {done} of them had finished)",
             who="dask workers",
@@ -262,24 +278,43 @@ class DaskTransport(Transport):
         done = sum(res.done for res in list(self.finished.values()))
         return done + sum(n for c, n in list(self.partial.items()) if c not in self.finished)
 
-    def cancel(self, grace: float, kill: bool) -> None:
+    def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         """Stop queued chunks now and running ones at their next item.
 
-        A chunk stuck inside one item cannot be stopped in its thread: on our
-        own cluster its worker is killed after a grace period (its nanny
-        starts a fresh one), as the local transport does with a stuck worker.
-        A cluster the user gave us is never touched: its stuck chunks finish
+        Running chunks get ``grace`` seconds to come back with what they
+        completed. A chunk stuck inside one item cannot be stopped in its
+        thread: on our own cluster its worker is killed (its nanny starts a
+        fresh one), as the local transport does with a stuck worker. A
+        cluster the user gave us is never touched: its stuck chunks finish
         their current item, then stop.
         """
         from .worker import end_call
 
-        pending = list(self.futures)
-        with contextlib.suppress(Exception):
-            self.client.cancel(pending)
         with contextlib.suppress(Exception):
             self.client.run(end_call, self.call_id, wait=False)
+        running = {f for f in self.futures if f.status == "pending"}
+        deadline = time.monotonic() + grace
+        while running and time.monotonic() < deadline:
+            self._wake.wait(0.02)
+            self._wake.clear()
+            running = {f for f in running if not f.done()}
+        results = []
+        for fut in list(self.futures):
+            if fut.status == "finished":
+                with contextlib.suppress(Exception):
+                    res = fut.result()
+                    self.finished[res.chunk] = res
+                    results.append(res)
+        pending = [f for f in self.futures if not f.done()]
+        self.futures.clear()
+        with contextlib.suppress(Exception):
+            self.client.cancel(pending)
         if pending and cluster.is_local(self.client):
-            cluster.stop_stuck(self.client, self.call_id, grace=grace)
+            cluster.stop_stuck(self.client, self.call_id, grace=0.0)
+        return results
+
+    def recover(self) -> None:
+        """Nothing to do: dask's nannies replace dead workers themselves."""
 
     def land_outputs(self) -> None:
         for c in sorted(self.finished):

@@ -46,6 +46,7 @@ class DaskChunk:
     chunk: int
     start: int
     stop: int
+    keep_going: bool = False
 
 
 def run_dask_chunk(
@@ -104,9 +105,11 @@ def _run(
         result,
         cancelled=lambda: call_id in ended,
         tick=tick,
+        keep_going=spec.keep_going,
     )
-    if result.error is None:
-        result.writes = {key: changed_elements(private[key], outs[key].array) for key in private}
+    # Also after a failed item: the writes of the items that completed land
+    # (and those the failed item made before it raised, as locally).
+    result.writes = {key: changed_elements(private[key], outs[key].array) for key in private}
     return result
 
 

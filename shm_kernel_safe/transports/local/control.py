@@ -5,7 +5,9 @@ was a dead worker on" cost no message at all:
 
 * slot ``CANCEL``: the parent sets it to ask running chunks to stop between
   items (on a task error, a timeout or an interrupt);
-* one row per chunk: pid of the worker running it, items done, state.
+* one row per chunk: pid of the worker running it, items done, state, and
+  (when the run has an item timeout) when its current item started, in
+  milliseconds of the system-wide monotonic clock.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ...memory.arrays import empty
 CANCEL = 0
 HEADER = 8
 ROW = 4
-PID, DONE, STATE = 0, 1, 2
+PID, DONE, STATE, ITEM_STARTED = 0, 1, 2, 3
 PENDING, RUNNING, FINISHED = 0, 1, 2
 
 
@@ -33,10 +35,15 @@ class ControlBlock:
     def cancel(self) -> None:
         self.array[CANCEL] = 1
 
+    @property
+    def capacity(self) -> int:
+        return len(self.table)
+
     def done(self) -> int:
         return int(self.table[:, DONE].sum())
 
-    def running(self) -> list[tuple[int, int, int]]:
-        """(chunk, pid, items done) of chunks a worker started and did not finish."""
+    def running(self) -> list[tuple[int, int, int, int]]:
+        """(row, pid, items done, item start ms) of chunks started and not finished."""
         rows = np.nonzero(self.table[:, STATE] == RUNNING)[0]
-        return [(int(c), int(self.table[c, PID]), int(self.table[c, DONE])) for c in rows]
+        t = self.table
+        return [(int(r), int(t[r, PID]), int(t[r, DONE]), int(t[r, ITEM_STARTED])) for r in rows]

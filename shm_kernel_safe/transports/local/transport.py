@@ -11,24 +11,27 @@ exactly. Results that stack are stored by workers into one shared array.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
 
 from ... import _platform
 from ...engine import sharing
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
-from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost, wait_until
+from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
 from ...errors import InvalidArgumentError
 from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
-from .control import ControlBlock
+from .control import DONE, ITEM_STARTED, PID, RUNNING, STATE, ControlBlock
 from .worker import ChunkTask, run_chunk
 
 
@@ -59,17 +62,35 @@ class LocalTransport(Transport):
         self.owned: list[str] = []  # segment names this run created
         self.report = sharing.SharingReport()
         # Output arrays outside shared memory: workers write a shared copy,
-        # copied back into the caller's array when the run succeeds.
+        # copied back into the caller's array when the run ends.
         self.copy_back: list[tuple[np.ndarray, np.ndarray]] = []
-        self.futures: set[cf.Future] = set()
+        self.futures: dict[cf.Future, Chunk] = {}
         self.results_handle: SharedArray | None = None
         self.scalar_type: type | None = None
         self.executor: Any = None
-        self.ctrl: ControlBlock | None = None
         self.payload: SharedArray | None = None
-        self.chunks: dict[int, Chunk] = {}
+        self.keep_going = False
+        self.track_time = False
+        # Control blocks: one row per chunk, a new block when one is full
+        # (chunks run again after a worker died need rows too). Rows of
+        # blocks from before a pool was replaced are no longer "live".
+        self.blocks: list[tuple[ControlBlock, SharedArray]] = []
+        self.live_from = 0  # index of the first block of the current pool
+        self.rows: dict[int, tuple[int, int]] = {}  # chunk -> (block, row)
+        self.next_row = 0
+        self.lost_done = 0  # items counted in blocks but lost with a broken pool
+        self.first_block = 1
 
-    def encode(self, payload: Payload, inputs: Inputs) -> None:
+    def encode(
+        self,
+        payload: Payload,
+        inputs: Inputs,
+        *,
+        keep_going: bool = False,
+        item_timeout: float | None = None,
+    ) -> None:
+        self.keep_going = keep_going
+        self.track_time = item_timeout is not None
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
@@ -86,8 +107,7 @@ class LocalTransport(Transport):
         self.payload = self._own(buffer)
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
-        self.ctrl = ControlBlock.create(chunk_bound(self.workers))
-        self.control = self._own(self.ctrl.array)
+        self.first_block = chunk_bound(self.workers)
         self.executor = pools.get_pool(self.workers, self.start_method)
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
@@ -102,41 +122,96 @@ class LocalTransport(Transport):
 
     def submit(self, chunk: Chunk) -> None:
         assert self.payload is not None
-        self.chunks[chunk.number] = chunk
+        block, row = self._row_for(chunk.number)
         task = ChunkTask(
             self.call_id,
             self.payload,
-            self.control,
+            self.blocks[block][1],
+            row,
             chunk.number,
             chunk.start,
             chunk.stop,
             self.results_handle,
             self.scalar_type,
+            self.keep_going,
+            self.track_time,
         )
-        self.futures.add(self.executor.submit(run_chunk, task))
+        self.futures[self.executor.submit(run_chunk, task)] = chunk
+
+    def _row_for(self, chunk: int) -> tuple[int, int]:
+        if not self.blocks or self.next_row >= self.blocks[-1][0].capacity:
+            size = self.first_block if not self.blocks else max(16, 2 * self.workers)
+            ctrl = ControlBlock.create(size)
+            self.blocks.append((ctrl, self._own(ctrl.array)))
+            self.next_row = 0
+        place = (len(self.blocks) - 1, self.next_row)
+        self.rows[chunk] = place
+        self.next_row += 1
+        return place
 
     def wait(self, timeout: float) -> list[ChunkResult]:
-        done, self.futures = cf.wait(self.futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
-        try:
-            return [fut.result() for fut in done]
-        except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
-            raise self._lost(exc) from None
+        done, _ = cf.wait(list(self.futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        results = []
+        for fut in done:
+            try:
+                results.append(fut.result())
+            except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
+                raise self._lost(exc) from None
+            del self.futures[fut]
+        return results
 
     def items_done(self) -> int:
-        return self.ctrl.done() if self.ctrl is not None else 0
+        return sum(ctrl.done() for ctrl, _ in self.blocks) - self.lost_done
 
-    def cancel(self, grace: float, kill: bool) -> None:
-        """Raise the cancel flag, let running chunks stop, kill them if stuck."""
-        if self.ctrl is None:
-            return
+    def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
+        """Raise the cancel flag, collect chunks that stop, kill what is stuck."""
         # No Future.cancel(): if the pool is then killed, loky's manager thread
         # fails every pending future and dies on one already cancelled, leaving
         # its semaphores behind. Queued chunks see the flag and return at once.
-        self.ctrl.cancel()
-        if not kill:
-            kill = not wait_until(lambda: not self.ctrl.running(), grace)
+        for ctrl, _ in self.blocks:
+            ctrl.cancel()
+        results: list[ChunkResult] = []
+        if not kill and self.futures:
+            done, pending = cf.wait(list(self.futures), timeout=grace)
+            for fut in done:
+                with contextlib.suppress(Exception):
+                    results.append(fut.result())
+            kill = bool(pending)
+        self.futures.clear()
         if kill:
             pools.discard(self.workers, self.start_method)
+        return results
+
+    def recover(self) -> None:
+        """Replace the broken pool; rows of the old one stop counting as running."""
+        lost = 0
+        for chunk in self.futures.values():
+            block, row = self.rows[chunk.number]
+            lost += int(self.blocks[block][0].table[row, DONE])
+        self.lost_done += lost
+        self.futures.clear()
+        pools.discard(self.workers, self.start_method)
+        self.executor = pools.get_pool(self.workers, self.start_method)
+        self.live_from = len(self.blocks)
+        self.next_row = 1 << 62  # the next submit starts a fresh block
+
+    def stop_overdue(self, seconds: float) -> list[int]:
+        now = int(time.monotonic() * 1000)
+        overdue = []
+        for chunk, (block, row) in list(self.rows.items()):
+            if block < self.live_from:
+                continue
+            table = self.blocks[block][0].table
+            if table[row, STATE] != RUNNING or table[row, ITEM_STARTED] == 0:
+                continue
+            if now - int(table[row, ITEM_STARTED]) > seconds * 1000:
+                pid = int(table[row, PID])
+                index = self._chunk(chunk).start + int(table[row, DONE])
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(pid).kill()
+                table[row, ITEM_STARTED] = 0  # stopped once
+                overdue.append(index)
+        return overdue
 
     def land_outputs(self) -> None:
         for original, shared in self.copy_back:
@@ -160,20 +235,31 @@ class LocalTransport(Transport):
         self.owned.append(handle.name)
         return handle
 
+    def _chunk(self, number: int) -> Chunk:
+        for chunk in self.futures.values():
+            if chunk.number == number:
+                return chunk
+        raise KeyError(number)
+
     def _lost(self, exc: BaseException) -> WorkerLost:
         match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc))
         codes = match.group(1) if match else ""
         how = f" (exit code {codes})" if codes else ""
-        assert self.ctrl is not None
-        dead = [
-            (c, pid, done) for c, pid, done in self.ctrl.running() if not _platform.pid_alive(pid)
-        ]
+        lost_chunks = [c.number for c in self.futures.values()]
+        by_place = {place: number for number, place in self.rows.items()}
+        dead = []
+        for block in range(self.live_from, len(self.blocks)):
+            for row, pid, done, _ in self.blocks[block][0].running():
+                number = by_place.get((block, row))
+                if number in lost_chunks and not _platform.pid_alive(pid):
+                    dead.append((number, pid, done))
         recovery = "the pool was replaced"
         if not dead:
-            return WorkerLost(how=how, recovery=recovery, exitcodes=codes)
-        chunk, pid, done = dead[0]
+            return WorkerLost(chunks=lost_chunks, how=how, recovery=recovery, exitcodes=codes)
+        number, pid, done = dead[0]
         return WorkerLost(
-            index=self.chunks[chunk].start + done,
+            chunks=lost_chunks,
+            index=self._chunk(number).start + done,
             who=f"worker process {pid}",
             how=how,
             recovery=recovery,

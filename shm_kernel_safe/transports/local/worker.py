@@ -10,6 +10,7 @@ store per item in the control block, never a message.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,14 @@ class ChunkTask:
     call_id: str
     payload: SharedArray  # uint8 bytes of the pickled Payload
     control: SharedArray  # int64 control block, writable
+    row: int  # this chunk's row in the control block
     chunk: int
     start: int
     stop: int
     results: SharedArray | None = None  # stacked results, when they stack
     scalar_type: type | None = None  # the type a stacked scalar result must have
+    keep_going: bool = False  # go on past an item that raises
+    track_time: bool = False  # note when each item starts (for item timeouts)
 
 
 _current: dict[str, Any] = {"call_id": None, "payload": None}
@@ -61,7 +65,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     # A memoryview indexes to plain ints, about twice as fast per item as
     # numpy scalar indexing; the per-item callbacks below are all overhead.
     ctrl = memoryview(task.control.view())
-    row = control.HEADER + control.ROW * task.chunk
+    row = control.HEADER + control.ROW * task.row
     ctrl[row + control.PID] = os.getpid()
     ctrl[row + control.STATE] = control.RUNNING
     result = ChunkResult(task.chunk)
@@ -73,12 +77,20 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         return result
     done_slot = row + control.DONE
     cancel_slot = control.CANCEL
+    started_slot = row + control.ITEM_STARTED
 
     def cancelled() -> int:
         return ctrl[cancel_slot]
 
     def tick() -> None:
         ctrl[done_slot] += 1
+
+    if task.track_time:
+        ctrl[started_slot] = _now_ms()
+
+        def tick() -> None:
+            ctrl[done_slot] += 1
+            ctrl[started_slot] = _now_ms()
 
     keep = None
     if task.results is not None:
@@ -98,6 +110,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         cancelled=cancelled,
         keep=keep,
         tick=tick,
+        keep_going=task.keep_going,
     )
     ctrl[row + control.STATE] = control.FINISHED
     return result
@@ -121,6 +134,12 @@ def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> boo
     except (OverflowError, ValueError, TypeError):
         pass
     return False
+
+
+def _now_ms() -> int:
+    # time.monotonic() is system-wide (CLOCK_MONOTONIC, QueryPerformanceCounter,
+    # mach_absolute_time): the parent compares it with its own.
+    return int(time.monotonic() * 1000)
 
 
 def ping() -> int:
