@@ -36,6 +36,7 @@ import numpy as np
 
 from .arrays import is_dangling
 from .errors import DanglingArrayError
+from .placeholder_display import SpyderDisplay
 
 MAX_DEPTH = 3
 MAX_OBJECTS = 20_000
@@ -96,10 +97,21 @@ class DanglingArray:
             f"memory (np.array(view)) before closing the segment."
         )
 
-    def __repr__(self) -> str:
-        return f"<DanglingArray shape={self.shape} dtype={self.dtype}: memory {self.reason}>"
+    def describe(self) -> str:
+        """One line for a variable viewer's Value column, e.g.
+        ``array (200000, 16) float64: its shared memory was closed``."""
+        return f"array {self.shape} {self.dtype}: its shared memory was {self.reason}"
 
-    __str__ = __repr__
+    def __repr__(self) -> str:
+        return (
+            f"<DanglingArray shape={self.shape} dtype={self.dtype}: "
+            f"its shared memory was {self.reason}>"
+        )
+
+    def __str__(self) -> str:
+        # What JupyterLab's Variable Inspector and VS Code show as the value
+        # (str()); the Inspector hides rows whose str() starts with "<".
+        return self.describe()
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise DanglingArrayError(self._message())
@@ -125,7 +137,7 @@ class DanglingArray:
 
 
 def _placeholder(arr: np.ndarray, path: str) -> DanglingArray:
-    return DanglingArray(arr.shape, arr.dtype, path, "unmapped (closed) while this array viewed it")
+    return DanglingArray(arr.shape, arr.dtype, path, "closed")
 
 
 def _format_path(path: tuple) -> str:
@@ -247,6 +259,7 @@ class InspectionHooks:
         self._event_callbacks: list[tuple[str, Callable]] = []
         self._spyder_handlers: dict[str, Callable] = {}
         self._spyder_attrs: list[str] = []
+        self._spyder_display = SpyderDisplay()
         self.installed = False
         self.replaced_total: list[str] = []
 
@@ -292,6 +305,7 @@ class InspectionHooks:
             if name not in vars(kernel):
                 setattr(kernel, name, self._guarded(original))
                 self._spyder_attrs.append(name)
+        self._spyder_display.install()
 
     def _guarded(self, original: Callable) -> Callable:
         @functools.wraps(original)
@@ -319,4 +333,5 @@ class InspectionHooks:
                 delattr(kernel, name)
         self._spyder_handlers.clear()
         self._spyder_attrs.clear()
+        self._spyder_display.uninstall()
         self.installed = False
