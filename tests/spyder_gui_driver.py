@@ -18,6 +18,7 @@ read through its Qt model, the text a user sees. What it saw goes to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -251,10 +252,9 @@ class Scenario:
             self.result["error"] = (self.result["error"] or "") + traceback.format_exc()
         with open(os.path.join(OUT, "result.json"), "w") as fh:
             json.dump(self.result, fh, indent=1)
-        try:  # shut the kernel down as closing the console does, then leave
+        # shut the kernel down as closing the console does, then leave
+        with contextlib.suppress(Exception):
             self.ipy.get_widget().close_all_clients()
-        except Exception:
-            pass
         QTimer.singleShot(2000, lambda: os._exit(0))
 
 
