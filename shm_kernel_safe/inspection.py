@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import is_dangling
+from .debugger_guard import DebuggerGuard
 from .errors import DanglingArrayError
 from .placeholder_display import SpyderDisplay
 
@@ -260,6 +261,7 @@ class InspectionHooks:
         self._spyder_handlers: dict[str, Callable] = {}
         self._spyder_attrs: list[str] = []
         self._spyder_display = SpyderDisplay()
+        self._debugger_guard = DebuggerGuard(self.sanitize)
         self.installed = False
         self.replaced_total: list[str] = []
 
@@ -281,6 +283,7 @@ class InspectionHooks:
         events.callbacks["post_execute"].insert(0, post)
         self._event_callbacks.append(("post_execute", post))
         self._install_spyder()
+        self._debugger_guard.install(getattr(self.shell, "kernel", None))
         self.installed = True
 
     def _on_pre_execute(self) -> None:
@@ -334,4 +337,5 @@ class InspectionHooks:
         self._spyder_handlers.clear()
         self._spyder_attrs.clear()
         self._spyder_display.uninstall()
+        self._debugger_guard.uninstall()
         self.installed = False
