@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dask_cluster, dask_worker
+from . import dask_cluster, dask_worker, worker_warnings
 from .chunking import guided_chunks
 from .dask_kept import content_name, kept_arrays
 from .errors import DaskBackendError, ParallelTimeoutError, WorkerDiedError
@@ -253,6 +253,7 @@ class DaskCall:
     def _collect(self, fut: Any) -> None:
         if fut.status == "finished":
             res: ChunkResult = fut.result()
+            worker_warnings.reissue(res.warnings, self.fn)
             if res.error is not None:
                 raise _task_error(res.error, self.fn)
             self.finished[res.chunk] = res

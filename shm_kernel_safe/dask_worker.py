@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import worker_warnings
 from ._malloc import tune_malloc
 from .worker import ChunkResult, Payload, _describe
 
@@ -90,15 +91,18 @@ def _run(
     t0 = time.perf_counter()
     next_report = t0 + REPORT_EVERY
     try:
-        for i in range(spec.start, spec.stop):
-            if spec.call_id in ended:
-                break
-            values.append(fn(items[i]))
-            if reporter is not None and time.perf_counter() >= next_report:
-                reporter(len(values))
-                next_report = time.perf_counter() + REPORT_EVERY
+        with worker_warnings.recording(items) as seen:
+            for i in range(spec.start, spec.stop):
+                if spec.call_id in ended:
+                    break
+                seen.index = i
+                values.append(fn(items[i]))
+                if reporter is not None and time.perf_counter() >= next_report:
+                    reporter(len(values))
+                    next_report = time.perf_counter() + REPORT_EVERY
     except BaseException as exc:
         result.error = _describe(exc, i, items)
+    result.warnings = seen.captured
     result.seconds = time.perf_counter() - t0
     result.done = len(values)
     result.values = values

@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from . import _platform, sharing, tracebacks
+from . import _platform, sharing, tracebacks, worker_warnings
 from . import pool as pools
 from .arrays import SharedArray, empty, handle_of, share
 from .chunking import guided_chunks, min_chunk_for
@@ -365,6 +365,7 @@ class _Call:
                 done, pending = cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     res = fut.result()
+                    worker_warnings.reissue(res.warnings, self.fn)
                     if res.error is not None:
                         raise _task_error(res.error, self.fn)
                     finished.append(res)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, control, sharing, tracebacks
+from . import arrays, control, sharing, tracebacks, worker_warnings
 from .arrays import SharedArray
 
 
@@ -66,6 +66,7 @@ class ChunkResult:
     seconds: float = 0.0  # wall time of the items, for adaptive chunk sizing
     # dask backend: elements of output arrays the chunk changed, key -> (flat indices, values)
     writes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # worker_warnings.CapturedWarning
 
 
 _current: dict[str, Any] = {"call_id": None, "payload": None, "names": frozenset()}
@@ -109,17 +110,20 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     i = task.start
     t0 = time.perf_counter()
     try:
-        for i in range(task.start, task.stop):
-            if ctrl[control.CANCEL]:
-                break
-            value = fn(items[i])
-            if out is None:
-                values.append(value)  # type: ignore[union-attr]
-            elif not _store(out, i, value, scalar_type):
-                result.misfits[i] = value
-            ctrl[done_slot] += 1
+        with worker_warnings.recording(items) as seen:
+            for i in range(task.start, task.stop):
+                if ctrl[control.CANCEL]:
+                    break
+                seen.index = i
+                value = fn(items[i])
+                if out is None:
+                    values.append(value)  # type: ignore[union-attr]
+                elif not _store(out, i, value, scalar_type):
+                    result.misfits[i] = value
+                ctrl[done_slot] += 1
     except BaseException as exc:
         result.error = _describe(exc, i, items)
+    result.warnings = seen.captured
     result.seconds = time.perf_counter() - t0
     result.done = int(ctrl[done_slot])
     result.values = values
