@@ -14,7 +14,9 @@ every array in the namespace on their own:
   with no IPython event at all;
 * JupyterLab's Variable Inspector runs a (non-silent) execute after each
   cell that calls ``repr()`` on every variable;
-* VS Code reads variables from a background thread after the execute ends.
+* VS Code reads variables from a background thread after the execute ends;
+* JupyterLab's debugger reads them over the control channel
+  (``debugger_guard``).
 
 So the sanitizer runs at ``pre_execute``, *first* among ``post_execute``
 callbacks, and in front of each of Spyder's handlers. It replaces every
