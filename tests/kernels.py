@@ -95,7 +95,11 @@ def execute(client, code: str, timeout: float = 60) -> dict[str, Any]:
             out["error"] = content
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    reply = client.get_shell_msg(timeout=timeout)
+    while True:  # skip stale replies (jupyter_client 7's wait_for_ready leaves
+        # the replies to its repeated kernel_info requests on the shell channel)
+        reply = client.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
     out["status"] = reply["content"]["status"]
     out["reply"] = reply["content"]
     return out

@@ -44,8 +44,7 @@ def test_cell_warning_shows_cell_line_and_item_once():
         assert res["status"] == "ok" and not _warning_lines(res["stderr"]), res
         execute(client, "warnings.resetwarnings(); warnings.simplefilter('error')")
         res = execute(client, WARNING_CELL.format(extra=""))
-        # (IPython 7.34's reply says "ok" here; the error is published all the same)
-        assert res["error"] and res["error"]["ename"] == "UserWarning", res
+        assert res["status"] == "error" and res["error"]["ename"] == "UserWarning", res
         execute(client, "warnings.resetwarnings()")
 
         # A function defined in the notebook: its cell's file and line.
