@@ -72,6 +72,13 @@ class Recorder:
         self._seen: set[tuple] = set()
 
     def add(self, message: Any, category: type, filename: str, lineno: int) -> None:
+        """Record one warning, unless the same one was recorded in this chunk.
+
+        Parameters
+        ----------
+        message, category, filename, lineno
+            As ``warnings.showwarning`` receives them.
+        """
         text = str(message)
         key = (category, text, filename, lineno)
         if key in self._seen:
