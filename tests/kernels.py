@@ -95,7 +95,11 @@ def execute(client, code: str, timeout: float = 60) -> dict[str, Any]:
             out["error"] = content
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    reply = client.get_shell_msg(timeout=timeout)
+    while True:  # skip stale replies (jupyter_client 7's wait_for_ready leaves
+        # the replies to its repeated kernel_info requests on the shell channel)
+        reply = client.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
     out["status"] = reply["content"]["status"]
     out["reply"] = reply["content"]
     return out
@@ -115,33 +119,71 @@ def evaluate(client, expr: str, timeout: float = 60) -> Any:
 
 
 class SpyderFrontend:
-    """The part of Spyder's frontend that talks to its kernel's comm."""
+    """The part of Spyder's frontend that talks to its kernel's comm.
+
+    Speaks both protocols: spyder-kernels 3.x (Spyder 6: JSON call content)
+    and 2.x (Spyder 5: arguments and return values cloudpickled in the
+    message's buffer, ``set_namespace_view_settings`` instead of
+    ``set_configuration``), chosen by the spyder-kernels this environment has,
+    which is the one the test kernels run.
+    """
 
     def __init__(self, client) -> None:
+        import spyder_kernels
+
+        self.legacy = int(spyder_kernels.__version__.split(".")[0]) < 3
         self.client = client
         self.comm_id = uuid.uuid4().hex
+        data = {"pickle_protocol": 4} if self.legacy else {}
         msg = client.session.msg(
-            "comm_open", {"comm_id": self.comm_id, "target_name": "spyder_api", "data": {}}
+            "comm_open", {"comm_id": self.comm_id, "target_name": "spyder_api", "data": data}
         )
         client.shell_channel.send(msg)
         self.comm_msgs: list[dict] = []
 
-    def call(self, name: str, *args: Any, timeout: float = 20, **kwargs: Any) -> Any:
-        call_id = uuid.uuid4().hex
-        data = {
-            "spyder_msg_type": "remote_call",
-            "content": {
+    def _message(self, name: str, call_id: str, args: tuple, kwargs: dict) -> dict:
+        settings = {"blocking": True, "send_reply": True}
+        if not self.legacy:
+            content = {
                 "call_name": name,
                 "call_id": call_id,
                 "call_args": list(args),
                 "call_kwargs": kwargs,
                 "buffered_args": [],
                 "buffered_kwargs": [],
-                "settings": {"blocking": True, "send_reply": True},
-            },
+                "settings": settings,
+            }
+            data = {"spyder_msg_type": "remote_call", "content": content}
+            return self.client.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
+        import cloudpickle
+
+        content = {
+            "call_name": name,
+            "call_id": call_id,
+            "settings": settings,
+            "pickle_highest_protocol": 4,
+        }
+        data = {
+            "spyder_msg_type": "remote_call",
+            "content": content,
+            "pickle_protocol": 4,
+            "python_version": sys.version,
         }
         msg = self.client.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
-        self.client.shell_channel.send(msg)
+        msg["buffers"] = [cloudpickle.dumps({"call_args": args, "call_kwargs": kwargs}, 4)]
+        return msg
+
+    def call(self, name: str, *args: Any, timeout: float = 20, **kwargs: Any) -> Any:
+        """Call ``name`` in the kernel as Spyder does; its return value.
+
+        ``get_value(name, encoded=True)`` returns the pickled bytes under
+        both protocols (2.x always pickles).
+        """
+        if self.legacy:
+            name = {"set_configuration": "set_namespace_view_settings"}.get(name, name)
+            kwargs.pop("encoded", None)
+        call_id = uuid.uuid4().hex
+        self.client.shell_channel.send(self._message(name, call_id, args, kwargs))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -156,12 +198,30 @@ class SpyderFrontend:
             content = body["content"]
             if content["call_id"] != call_id:
                 continue
+            if self.legacy:
+                import cloudpickle
+
+                raw = bytes(reply["buffers"][0])
+                if content["is_error"]:
+                    raise RuntimeError(f"{name} failed in the kernel: {cloudpickle.loads(raw)}")
+                return raw if name == "get_value" else cloudpickle.loads(raw)
             if content["is_error"]:
                 raise RuntimeError(f"{name} failed in the kernel: {content['call_return_value']}")
             if reply.get("buffers"):
                 return bytes(reply["buffers"][0])
             return content["call_return_value"]
         raise TimeoutError(f"no reply to {name} within {timeout}s")
+
+    def after_execute(self) -> None:
+        """What Spyder does after each execution for its Variable Explorer.
+
+        Spyder 6's kernel pushes the view from its own ``post_execute``;
+        Spyder 5 asks for it over the comm. A kernel that dies meanwhile
+        gives no reply: that is for the caller to check.
+        """
+        if self.legacy:
+            with contextlib.suppress(TimeoutError):
+                self.call("get_namespace_view", timeout=10)
 
     def configure_view(self, minmax: bool = True) -> None:
         """The Variable Explorer's settings, as Spyder sends them on start."""
@@ -178,7 +238,10 @@ class SpyderFrontend:
             "show_special_attributes": False,
             "filter_on": True,
         }
-        self.call("set_configuration", {"namespace_view_settings": settings})
+        if self.legacy:
+            self.call("set_namespace_view_settings", settings)
+        else:
+            self.call("set_configuration", {"namespace_view_settings": settings})
 
 
 def _descendants(pid: int) -> list:

@@ -63,7 +63,7 @@ def test_spyder_view_survives_original_code_with_extension():
         view = spyder.call("get_namespace_view")
         assert "x_shared" in view and "Min" in view["x_shared"]["view"]
         props = spyder.call("get_var_properties")
-        assert props["x_shared"]["array_shape"] == [20000, 16]
+        assert list(props["x_shared"]["array_shape"]) == [20000, 16]
         raw = spyder.call("get_value", "x_hour", encoded=True)  # opening the variable
         import cloudpickle
         import numpy as np
@@ -81,6 +81,8 @@ def test_spyder_kernel_dies_without_extension():
         spyder = SpyderFrontend(client)
         spyder.configure_view(minmax=True)
         client.execute(ORIGINAL_CELL)
+        time.sleep(1.0)
+        spyder.after_execute()
         assert _wait_dead(km), "the unprotected kernel should have died"
 
 
@@ -98,7 +100,7 @@ def test_spyder_paths_never_see_dangling_arrays(path, tmp_path):
         time.sleep(0.8)  # the mmap is closed now, with no execute since
         if path == "get_namespace_view":
             view = spyder.call(path)
-            assert "DanglingArray" in view["a"]["view"]
+            assert view["a"]["view"] == "array (1000,) float64: its shared memory was closed"
         elif path == "get_var_properties":
             props = spyder.call(path)
             assert props["a"]["is_array"] is False
@@ -200,7 +202,7 @@ def test_kernel_interrupt_stops_cell_within_a_second():
                 error = msg["content"]["ename"]
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 idle_at = time.monotonic()
-        assert error == "KeyboardInterrupt"
+        assert error == "ParallelInterrupt"  # a KeyboardInterrupt carrying what completed
         assert idle_at - t0 < 1.5
         assert km.is_alive()
         assert execute(client, "print(1 + 1)")["stdout"].strip() == "2"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import worker_warnings
 from .protocol import ChunkResult, describe_error
 
 
@@ -63,32 +64,37 @@ def run_items(
     values: list | None = [] if keep is None else None
     done = 0
     t0 = time.perf_counter()
-    try:
-        for i in range(start, stop):
-            if cancelled():
-                break
-            try:
-                value = fn(items[i])
-            except BaseException as exc:
-                if in_process and isinstance(exc, KeyboardInterrupt):
-                    raise
-                error = describe_error(exc, i, items, keep_traceback=in_process)
-                if not keep_going:
-                    result.error = error
+    # Warnings are recorded (once per chunk and location, with their item)
+    # and re-issued by the parent at the cell's line, where its filters apply.
+    with worker_warnings.recording(items) as seen:
+        try:
+            for i in range(start, stop):
+                if cancelled():
                     break
-                result.failed[i] = error
-                if values is not None:
-                    values.append(None)
-            else:
-                if values is not None:
-                    values.append(value)
+                seen.index = i
+                try:
+                    value = fn(items[i])
+                except BaseException as exc:
+                    if in_process and isinstance(exc, KeyboardInterrupt):
+                        raise
+                    error = describe_error(exc, i, items, keep_traceback=in_process)
+                    if not keep_going:
+                        result.error = error
+                        break
+                    result.failed[i] = error
+                    if values is not None:
+                        values.append(None)
                 else:
-                    keep(i, value)  # type: ignore[misc]
-            done += 1
-            if tick is not None:
-                tick()
-    finally:
-        result.seconds = time.perf_counter() - t0
-        result.done = done
-        result.values = values
+                    if values is not None:
+                        values.append(value)
+                    else:
+                        keep(i, value)  # type: ignore[misc]
+                done += 1
+                if tick is not None:
+                    tick()
+        finally:
+            result.seconds = time.perf_counter() - t0
+            result.done = done
+            result.values = values
+            result.warnings = seen.captured
     return result

@@ -65,6 +65,7 @@ class ChunkResult:
     # elements of output arrays the chunk changed, key -> (flat indices, values),
     # for transports whose workers cannot write the caller's arrays in place
     writes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # worker_warnings.CapturedWarning
 
 
 def describe_error(

@@ -27,7 +27,7 @@ from ..errors import (
     TaskError,
     WorkerDiedError,
 )
-from . import tracebacks
+from . import tracebacks, worker_warnings
 from .planning import Chunk, Plan
 from .progress import ThrottledReport
 from .protocol import ChunkResult, Payload, RemoteError
@@ -265,6 +265,7 @@ class Run:
     def _take(self, res: ChunkResult) -> None:
         """Record a chunk's result: what completed, what failed."""
         chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
+        worker_warnings.reissue(res.warnings, self.fn)
         self.results[res.chunk] = res
         self.done[chunk.start : chunk.start + res.done] = True
         for index, err in res.failed.items():

@@ -5,7 +5,7 @@ console's ``__main__`` by value, which is what makes them work under spawn.
 We extend its pickler with ``reducer_override`` (the same hook joblib's
 memmapping reducer uses) so that any ndarray above a size threshold, found
 anywhere in the payload (closures, globals the function uses, defaults,
-items), is replaced by a small :class:`~shm_kernel_safe.arrays.SharedArray`:
+items), is replaced by a small :class:`~shm_kernel_safe.memory.arrays.SharedArray`:
 
 * an array that already lives in one of our segments travels as a handle
   with no copy (writable in workers if it is writable here);

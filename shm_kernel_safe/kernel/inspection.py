@@ -14,7 +14,9 @@ every array in the namespace on their own:
   with no IPython event at all;
 * JupyterLab's Variable Inspector runs a (non-silent) execute after each
   cell that calls ``repr()`` on every variable;
-* VS Code reads variables from a background thread after the execute ends.
+* VS Code reads variables from a background thread after the execute ends;
+* JupyterLab's debugger reads them over the control channel
+  (``debugger_guard``).
 
 So the sanitizer runs at ``pre_execute``, *first* among ``post_execute``
 callbacks, and in front of each of Spyder's handlers. It replaces every
@@ -36,6 +38,8 @@ import numpy as np
 
 from ..errors import DanglingArrayError, DanglingAttributeError
 from ..memory.arrays import is_dangling
+from .debugger_guard import DebuggerGuard
+from .placeholder_display import SpyderDisplay
 
 MAX_DEPTH = 3
 MAX_OBJECTS = 20_000
@@ -76,6 +80,8 @@ class DanglingArray:
     array raises :class:`DanglingArrayError` instead of crashing the kernel.
     """
 
+    _shm_kernel_safe_placeholder_ = True  # placeholder_display.MARKER
+
     __slots__ = ("dtype", "name", "reason", "shape")
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, name: str, reason: str) -> None:
@@ -91,10 +97,21 @@ class DanglingArray:
             f"memory (np.array(view)) before closing the segment."
         )
 
-    def __repr__(self) -> str:
-        return f"<DanglingArray shape={self.shape} dtype={self.dtype}: memory {self.reason}>"
+    def describe(self) -> str:
+        """One line for a variable viewer's Value column, e.g.
+        ``array (200000, 16) float64: its shared memory was closed``."""
+        return f"array {self.shape} {self.dtype}: its shared memory was {self.reason}"
 
-    __str__ = __repr__
+    def __repr__(self) -> str:
+        return (
+            f"<DanglingArray shape={self.shape} dtype={self.dtype}: "
+            f"its shared memory was {self.reason}>"
+        )
+
+    def __str__(self) -> str:
+        # What JupyterLab's Variable Inspector and VS Code show as the value
+        # (str()); the Inspector hides rows whose str() starts with "<".
+        return self.describe()
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise DanglingArrayError(self._message())
@@ -120,7 +137,7 @@ class DanglingArray:
 
 
 def _placeholder(arr: np.ndarray, path: str) -> DanglingArray:
-    return DanglingArray(arr.shape, arr.dtype, path, "unmapped (closed) while this array viewed it")
+    return DanglingArray(arr.shape, arr.dtype, path, "closed")
 
 
 def _format_path(path: tuple) -> str:
@@ -242,6 +259,8 @@ class InspectionHooks:
         self._event_callbacks: list[tuple[str, Callable]] = []
         self._spyder_handlers: dict[str, Callable] = {}
         self._spyder_attrs: list[str] = []
+        self._spyder_display = SpyderDisplay()
+        self._debugger_guard = DebuggerGuard(self.sanitize)
         self.installed = False
         self.replaced_total: list[str] = []
 
@@ -263,6 +282,7 @@ class InspectionHooks:
         events.callbacks["post_execute"].insert(0, post)
         self._event_callbacks.append(("post_execute", post))
         self._install_spyder()
+        self._debugger_guard.install(getattr(self.shell, "kernel", None))
         self.installed = True
 
     def _on_pre_execute(self) -> None:
@@ -287,6 +307,7 @@ class InspectionHooks:
             if name not in vars(kernel):
                 setattr(kernel, name, self._guarded(original))
                 self._spyder_attrs.append(name)
+        self._spyder_display.install()
 
     def _guarded(self, original: Callable) -> Callable:
         @functools.wraps(original)
@@ -314,4 +335,6 @@ class InspectionHooks:
                 delattr(kernel, name)
         self._spyder_handlers.clear()
         self._spyder_attrs.clear()
+        self._spyder_display.uninstall()
+        self._debugger_guard.uninstall()
         self.installed = False
