@@ -46,13 +46,29 @@ def foreign_owners() -> set[int]:
     return {pid for pid in owners.values() if pid not in family and psutil.pid_exists(pid)}
 
 
+#: Starts a command with SIGINT ignored, as a non-interactive shell starts
+#: ``cmd &`` and as some job runners start everything (the disposition
+#: survives ``exec``).
+SIGINT_IGNORED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def run_python(
-    code: str, *args: str, timeout: float = 60, env: dict | None = None, cwd: str | None = None
+    code: str,
+    *args: str,
+    timeout: float = 60,
+    env: dict | None = None,
+    cwd: str | None = None,
+    sigint_ignored: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``code`` as a script file in a fresh interpreter.
 
     A file, not ``-c``: under spawn the children re-import the main script,
-    exactly as they did for the user who first hit these bugs.
+    exactly as they did for the user who first hit these bugs. With
+    ``sigint_ignored`` the interpreter starts with SIGINT ignored: a script
+    that relies on Ctrl-C must set the handler itself.
     """
     import tempfile
 
@@ -62,8 +78,9 @@ def run_python(
         script = os.path.join(tmp, "script.py")
         with open(script, "w") as fh:
             fh.write(code)
+        launcher = [sys.executable, "-c", SIGINT_IGNORED] if sigint_ignored else []
         return subprocess.run(
-            [sys.executable, script, *args],
+            [*launcher, sys.executable, script, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
