@@ -325,6 +325,7 @@ def test_connects_to_a_running_scheduler_by_address(client):
         dashboard_address="127.0.0.1:0",
     ) as other:
         address = other.scheduler_address
+        assert address.startswith("tcp://")  # left as its owner configured it: no TLS
         got = sks.parallel_map(lambda i: i * 3, range(30), backend="dask", client=address)
         assert got.tolist() == [i * 3 for i in range(30)]
         first = dask_cluster.get_client(other.scheduler_address)
@@ -443,7 +444,7 @@ def test_cell_magic_on_dask_in_a_real_kernel():
         )
         assert evaluate(kc, check) == "True"
         status = execute(kc, "%shm_status")["stdout"]
-        assert "Dask clusters: 1" in status and "local cluster at tcp://127.0.0.1:" in status
+        assert "Dask clusters: 1" in status and "local cluster at tls://127.0.0.1:" in status
         assert "2 workers" in status
 
         res = execute(
@@ -532,5 +533,5 @@ def test_cell_magic_on_dask_in_a_spyder_console():
         y = cloudpickle.loads(spyder.call("get_value", "y", encoded=True))
         expected = evaluate(kc, "repr(float(sum(hourly_calc(x, n) for n in range(500))))")
         assert abs(float(y.sum()) - float(expected.strip("'"))) < 1e-6
-        assert "local cluster at tcp://127.0.0.1:" in execute(kc, "%shm_status")["stdout"]
+        assert "local cluster at tls://127.0.0.1:" in execute(kc, "%shm_status")["stdout"]
         assert km.is_alive()
