@@ -139,9 +139,10 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
             # keep the kernel's import path as the user had it.
             sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
         client = distributed.Client(cluster, set_as_default=False)
-        from .dask_worker import MallocTuning
+        from .dask_worker import InterruptsToTheKernel, MallocTuning
 
         client.register_plugin(MallocTuning())
+        client.register_plugin(InterruptsToTheKernel())
         _local.update(cluster=cluster, client=client)
     hook_kernel_shutdown()
     return client
