@@ -79,11 +79,46 @@ def run_python(
         with open(script, "w") as fh:
             fh.write(code)
         launcher = [sys.executable, "-c", SIGINT_IGNORED] if sigint_ignored else []
-        return subprocess.run(
-            [*launcher, sys.executable, script, *args],
-            capture_output=True,
+        cmd = [*launcher, sys.executable, script, *args]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             env=full_env,
             cwd=cwd or tmp,
         )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_hung_script(proc)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_hung_script(proc: subprocess.Popen) -> None:
+    """A script that hangs fails its test; it must not leave its workers
+    running (they hold its pipes: waiting for them would hang the test too)
+    nor its segments and semaphores behind. Resource trackers are spared:
+    once everything else of the script is dead they unlink what it
+    registered (loky's semaphores) and exit."""
+    import psutil
+
+    from shm_kernel_safe.janitor import cleanup_stale
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    trackers = []
+    for p in tree:
+        try:
+            if "resource_tracker" in " ".join(p.cmdline()):
+                trackers.append(p)
+                continue
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.communicate()
+    psutil.wait_procs(trackers, timeout=10)
+    cleanup_stale()  # the script's segments: their owner is dead now

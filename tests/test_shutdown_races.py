@@ -68,3 +68,40 @@ def test_task_error_then_worker_death_leaves_no_semaphore():
         sks.parallel_map(lambda i: os._exit(1), range(50), processes=2)
     sks.shutdown_pools()
     assert loky_semaphores() == []
+
+
+HANGS = r"""
+import time
+import shm_kernel_safe as sks
+keep = sks.zeros(1000)          # a segment of its own
+sks.prestart(2, "forkserver")   # workers, loky semaphores, forkserver, trackers
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hung_script_fails_its_test_and_leaves_nothing():
+    """What the interrupt tests did when SIGINT never arrived: hang to the
+    timeout, then leave the script's workers, segments and semaphores."""
+    import subprocess
+
+    import psutil
+
+    from .helpers import run_python, shm_entries
+
+    def dead_loky_semaphores() -> set[str]:
+        live = set(psutil.pids())
+        return {
+            e
+            for e in os.listdir("/dev/shm")
+            if e.startswith("sem.loky-") and int(e.split("-")[1]) not in live
+        }
+
+    before, sems_before = shm_entries(), dead_loky_semaphores()
+    mine = set(psutil.Process().children(recursive=True))
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python(HANGS, timeout=8)
+    left = [p for p in psutil.Process().children(recursive=True) if p not in mine]
+    assert [p for p in left if p.status() != psutil.STATUS_ZOMBIE] == []
+    assert shm_entries() == before
+    assert dead_loky_semaphores() - sems_before == set()  # the script's trackers unlinked them
