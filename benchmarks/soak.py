@@ -18,7 +18,8 @@ Phases (each round in fresh processes):
 
 After every round: the ``/dev/shm`` entries made by the processes of that
 round (the process under test and every descendant seen while it ran:
-segments named with their owner's pid, loky's ``sem.loky-<pid>-*``) that are
+segments named with their owner's pid, loky's ``sem.loky-<pid>-*``,
+joblib's ``joblib_memmapping_folder_<pid>_*``) that are
 still there, and those processes still alive. Entries of other processes
 (another user's job on the same machine) are not counted; new entries that
 carry no owner pid are listed apart, as "unattributed".
@@ -50,7 +51,7 @@ sys.path.insert(0, ROOT)
 from shm_kernel_safe.naming import parse_name  # noqa: E402
 
 SHM = "/dev/shm"
-_LOKY = re.compile(r"^sem\.loky-(\d+)-")
+_BY_PID = re.compile(r"^(?:sem\.loky-|joblib_memmapping_folder_)(\d+)[-_]")
 
 
 # -- what a round leaves behind ------------------------------------------------
@@ -63,7 +64,7 @@ def owner_of(entry: str) -> int | None:
     parsed = parse_name(entry)
     if parsed is not None:
         return parsed.pid
-    match = _LOKY.match(entry)
+    match = _BY_PID.match(entry)
     return int(match.group(1)) if match else None
 
 
