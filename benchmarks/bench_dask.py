@@ -17,6 +17,12 @@ backend and as per-task overhead ``(wall - serial / P) / N``:
 
 Also printed: the bytes a call moves per worker and per task, which is
 what decides how the backend scales with workers.
+
+``--tls-cost`` measures only what TLS costs our LocalCluster: two clusters
+made the same way, one with temporary TLS credentials (our default) and one
+on plain TCP (``SHM_KERNEL_SAFE_DASK_TLS=0``), interleaved round by round:
+a call of 8760 empty items (dispatch), sending ``x`` to every worker, and a
+call of the workload with ``x`` kept on the cluster; medians, TLS / TCP.
 """
 
 from __future__ import annotations
@@ -57,9 +63,17 @@ def main() -> None:
         action="store_true",
         help="leave out client.map with one task per item (~30 s a round)",
     )
+    parser.add_argument(
+        "--tls-cost",
+        action="store_true",
+        help="only compare our LocalCluster with TLS (default) and without",
+    )
     args = parser.parse_args()
     P, R = args.processes, args.repeats
     sks.tune_malloc()
+    if args.tls_cost:
+        tls_cost(args)
+        return
 
     x = np.random.default_rng(0).standard_normal((args.rows, 16))
     target = 1e-3 if args.mode == "ms" else 20e-6
@@ -199,6 +213,78 @@ def main() -> None:
         "scatter_x_ms": scatter_s * 1e3,
         "digest_x_ms": digest_s * 1e3,
     }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+def _our_cluster(tls: bool, processes: int):
+    """A LocalCluster and Client made as ``get_client(None)`` makes ours."""
+    import dask
+    import distributed
+
+    from shm_kernel_safe.transports.dask import security as dask_security
+    from shm_kernel_safe.transports.dask.worker import InterruptsToTheKernel, MallocTuning
+
+    os.environ[dask_security.ENV_TLS] = "1" if tls else "0"
+    cluster = dask_cluster._start_local_cluster(distributed, dask, processes)
+    client = distributed.Client(cluster, set_as_default=False)
+    client.register_plugin(MallocTuning())
+    client.register_plugin(InterruptsToTheKernel())
+    assert client.scheduler.address.startswith("tls://" if tls else "tcp://")
+    return cluster, client
+
+
+def tls_cost(args) -> None:
+    """TLS against plain TCP on our own LocalCluster, same process, interleaved."""
+    P, R = args.processes, args.repeats
+    x = np.random.default_rng(0).standard_normal((args.rows, 16))
+    target = 1e-3 if args.mode == "ms" else 20e-6
+    k, _ = bench_hourly.calibrate(x, target)
+    fn = functools.partial(work, x, k=k)
+    clusters = {tls: _our_cluster(tls, P) for tls in (True, False)}
+    label = {True: "TLS", False: "TCP"}
+    try:
+
+        def empty(client):
+            return sks.parallel_map(int, range(N_TASKS), backend="dask", client=client)
+
+        def send_x(client):
+            client.scatter(Aligned(x), broadcast=True, hash=False).release()
+
+        def workload(client):
+            return sks.parallel_map(fn, range(N_TASKS), backend="dask", client=client)
+
+        measures = {"8760 empty items": empty, "send x to every worker": send_x}
+        measures[f"workload, x kept ({args.mode} tasks)"] = workload
+        for tls in clusters:  # warm: workers, imports, x kept on each cluster
+            for measure in measures.values():
+                measure(clusters[tls][1])
+        times: dict[str, dict[bool, list[float]]] = {m: {True: [], False: []} for m in measures}
+        for rnd in range(R):
+            for name, measure in measures.items():
+                order = (True, False) if rnd % 2 == 0 else (False, True)
+                for tls in order:
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    measure(clusters[tls][1])
+                    times[name][tls].append(time.perf_counter() - t0)
+    finally:
+        for cluster, client in clusters.values():
+            client.close()
+            cluster.close()
+    print(
+        f"x: {x.shape} float64 = {x.nbytes / 2**20:.0f} MiB; {P} workers per cluster; "
+        f"medians of {R} interleaved rounds"
+    )
+    print(f"\n{'measure':40s} {'TLS ms':>9s} {'TCP ms':>9s} {'TLS / TCP':>10s}")
+    out = {"rows": args.rows, "mode": args.mode, "repeats": R, "all_times": {}}
+    for name, by in times.items():
+        med = {tls: statistics.median(v) for tls, v in by.items()}
+        ratio = med[True] / med[False]
+        print(f"{name:40s} {med[True] * 1e3:9.1f} {med[False] * 1e3:9.1f} {ratio:9.2f}x")
+        out[name] = {label[t]: med[t] for t in med} | {"tls_over_tcp": ratio}
+        out["all_times"][name] = {label[t]: by[t] for t in by}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

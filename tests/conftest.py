@@ -48,7 +48,7 @@ def no_leaked_segments():
 
 
 @pytest.fixture
-def no_orphans(request):
+def no_orphans():
     """Shut warm pools down after the test and check no worker is left."""
     yield
     mod = sys.modules.get("shm_kernel_safe.transports.local.pool")
@@ -67,8 +67,7 @@ def no_orphans(request):
     while sems() and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.1)
-    if request.node.get_closest_marker("known_loky_semaphore_leak") is None:
-        assert not sems(), f"semaphores left in {SHM_DIR}: {sems()}"
+    assert not sems(), f"semaphores left in {SHM_DIR}: {sems()}"
 
 
 def _ours(entries: set[str], foreign: set[int]) -> set[str]:

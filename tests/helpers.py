@@ -46,13 +46,29 @@ def foreign_owners() -> set[int]:
     return {pid for pid in owners.values() if pid not in family and psutil.pid_exists(pid)}
 
 
+#: Starts a command with SIGINT ignored, as a non-interactive shell starts
+#: ``cmd &`` and as some job runners start everything (the disposition
+#: survives ``exec``).
+SIGINT_IGNORED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def run_python(
-    code: str, *args: str, timeout: float = 60, env: dict | None = None, cwd: str | None = None
+    code: str,
+    *args: str,
+    timeout: float = 60,
+    env: dict | None = None,
+    cwd: str | None = None,
+    sigint_ignored: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``code`` as a script file in a fresh interpreter.
 
     A file, not ``-c``: under spawn the children re-import the main script,
-    exactly as they did for the user who first hit these bugs.
+    exactly as they did for the user who first hit these bugs. With
+    ``sigint_ignored`` the interpreter starts with SIGINT ignored: a script
+    that relies on Ctrl-C must set the handler itself.
     """
     import tempfile
 
@@ -62,11 +78,46 @@ def run_python(
         script = os.path.join(tmp, "script.py")
         with open(script, "w") as fh:
             fh.write(code)
-        return subprocess.run(
-            [sys.executable, script, *args],
-            capture_output=True,
+        launcher = [sys.executable, "-c", SIGINT_IGNORED] if sigint_ignored else []
+        cmd = [*launcher, sys.executable, script, *args]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             env=full_env,
             cwd=cwd or tmp,
         )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_hung_script(proc)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_hung_script(proc: subprocess.Popen) -> None:
+    """A script that hangs fails its test; it must not leave its workers
+    running (they hold its pipes: waiting for them would hang the test too)
+    nor its segments and semaphores behind. Resource trackers are spared:
+    once everything else of the script is dead they unlink what it
+    registered (loky's semaphores) and exit."""
+    import psutil
+    from shm_kernel_safe.janitor import cleanup_stale
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    trackers = []
+    for p in tree:
+        try:
+            if "resource_tracker" in " ".join(p.cmdline()):
+                trackers.append(p)
+                continue
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.communicate()
+    psutil.wait_procs(trackers, timeout=10)
+    cleanup_stale()  # the script's segments: their owner is dead now

@@ -141,7 +141,6 @@ def test_bad_input_is_refused_before_any_process_starts():
     assert pool.pool_info() == []  # nothing was started
 
 
-@pytest.mark.known_loky_semaphore_leak
 def test_no_segment_left_after_failures():
     before = shm_entries()
     with pytest.raises(sks.TaskError):

@@ -18,6 +18,9 @@ import psutil
 import shm_kernel_safe as sks
 
 method, mode, log = sys.argv[1], sys.argv[2], sys.argv[3]
+# Ctrl-C must become a KeyboardInterrupt here whoever started us: a process
+# started in the background by a non-interactive shell inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mine():
@@ -68,7 +71,9 @@ print(json.dumps({"outcome": outcome, "latency": latency,
 @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
 def test_sigint_stops_workers_within_a_second(method, mode, tmp_path):
     before = shm_entries()
-    proc = run_python(INTERRUPT, method, mode, str(tmp_path / "log"))
+    # started with SIGINT ignored, the hardest case: the test must not depend
+    # on how the test runner itself was started
+    proc = run_python(INTERRUPT, method, mode, str(tmp_path / "log"), sigint_ignored=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["outcome"] == "interrupted"

@@ -5,6 +5,7 @@ where it started."""
 from __future__ import annotations
 
 import gc
+import os
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -169,8 +170,11 @@ class SharedMemoryMachine(RuleBasedStateMachine):
         assert shm_entries() - self.start == set()
 
 
+#: Steps in all (examples x 25 steps); ``benchmarks/soak.py`` runs 10,000.
+FUZZ_STEPS = int(os.environ.get("SHM_KERNEL_SAFE_FUZZ_STEPS", "1000"))
+
 SharedMemoryMachine.TestCase.settings = settings(
-    max_examples=40,
+    max_examples=max(1, FUZZ_STEPS // 25),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -26,14 +26,26 @@ _original_close = None
 
 
 def safe_close(self: shared_memory.SharedMemory) -> None:
-    """Close without unmapping: the memory lives exactly as long as its views."""
-    self._buf = None
+    """Close without unmapping: the memory lives exactly as long as its views.
+
+    As the standard library's close: ``shm.buf`` itself is released (a
+    reference to it taken before ``close()`` raises ``ValueError`` on use
+    afterwards), and an error closing the descriptor (``EBADF`` when it was
+    already closed elsewhere) is raised. Unlike it, nothing is unmapped:
+    arrays and memoryviews derived from ``shm.buf`` hold the memory by
+    reference and stay valid. Releasing ``shm.buf`` cannot unmap anything:
+    every array or slice made from it holds the mmap or a memoryview of its
+    own; if something still exports from ``shm.buf`` itself, it is left as is.
+    """
+    buf, self._buf = getattr(self, "_buf", None), None
+    if buf is not None:
+        with contextlib.suppress(BufferError):  # exported: it must stay valid
+            buf.release()
     self._mmap = None
     fd = getattr(self, "_fd", -1)
     if isinstance(fd, int) and fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        self._fd = -1
+        self._fd = -1  # first: a failed close is reported once, not again at __del__
+        os.close(fd)
 
 
 def protect() -> None:

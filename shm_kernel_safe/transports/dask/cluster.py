@@ -6,7 +6,8 @@ imported only here and only when the dask backend is asked for, so a kernel
 without it pays nothing and gets a one-line error naming the extra.
 
 Our own cluster runs worker *processes* (one thread each: the user's code is
-Python that holds the GIL) and listens on loopback only, scheduler HTTP
+Python that holds the GIL), speaks TLS with credentials only it and this
+process hold (:mod:`.security`), and listens on loopback only, scheduler HTTP
 server included (a dashboard there when bokeh is installed). It is closed
 at interpreter exit and, in a kernel, before ipykernel kills its children
 (see :mod:`shm_kernel_safe.lifecycle`), so a notebook that used it shuts down as quickly as
@@ -124,6 +125,9 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
         path_before = list(sys.path)
         try:
             cluster = _start_local_cluster(distributed, dask, wanted)
+        except DaskBackendError:
+            _main_free_worker_starts(False)
+            raise
         except Exception as exc:
             _main_free_worker_starts(False)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -136,9 +140,10 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
             # keep the kernel's import path as the user had it.
             sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
         client = distributed.Client(cluster, set_as_default=False)
-        from .worker import MallocTuning
+        from .worker import InterruptsToTheKernel, MallocTuning
 
         client.register_plugin(MallocTuning())
+        client.register_plugin(InterruptsToTheKernel())
         _local.update(cluster=cluster, client=client)
     lifecycle.hook_kernel_shutdown()
     return client
@@ -150,13 +155,20 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int) -> Any:
     Without the Active Memory Manager: it would drop the replicas a broadcast
     made (no task waits on them between chunks), workers would fetch big
     arrays again, and a single death could lose scattered data.
+
+    Over TLS with temporary credentials (see :mod:`.security`): no
+    other process on this machine can connect to it.
     """
+    from .security import local_cluster_security
+
+    security = local_cluster_security()
     with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
         return distributed.LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
+            security=security,  # tls:// when it requires encryption
             # the scheduler's HTTP server (dashboard when bokeh is there,
             # health and metrics otherwise) also on loopback, any free port
             dashboard_address="127.0.0.1:0",

@@ -245,3 +245,23 @@ class MallocTuning(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         tune_malloc()
+
+
+class InterruptsToTheKernel(WorkerPlugin):
+    """Workers of *our* cluster ignore SIGINT, as our local pool's workers do.
+
+    They are children of the kernel, in its process group, and a kernel
+    interrupt signals the whole group: jupyter_client interrupts the kernel
+    first thing in ``shutdown_kernel`` too. Each worker's asyncio runner
+    turned that SIGINT into a KeyboardInterrupt traceback on the kernel's
+    stderr (and a restart by its nanny). An interrupt is the kernel's to
+    handle: it cancels the run and stops stuck workers itself.
+    """
+
+    name = "shm_kernel_safe-interrupts-to-the-kernel"
+
+    def setup(self, worker: Any) -> None:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

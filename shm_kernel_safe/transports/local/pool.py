@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from typing import Any
 
 from loky import ProcessPoolExecutor
@@ -61,6 +62,22 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _Executor(ProcessPoolExecutor):
+    """loky's executor, remembering every worker it started.
+
+    When a worker dies, loky's manager thread pops *all* workers from
+    ``_processes`` and kills them, but joins none; a process object that is
+    never joined stays in multiprocessing's list of children, and with it
+    the named semaphore loky hangs on it (``_worker_exit_lock``) until the
+    interpreter exits. :func:`_kill` joins every worker recorded here.
+    """
+
+    def _adjust_process_count(self) -> None:
+        super()._adjust_process_count()
+        workers = self.__dict__.setdefault("_sks_workers", weakref.WeakSet())
+        workers.update(self._processes.values())
+
+
 def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
     key = (processes, start_method)
     with _lock:
@@ -72,7 +89,7 @@ def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
         with warnings.catch_warnings():
             # loky discourages fork; the user asked for it explicitly.
             warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
-            pool = ProcessPoolExecutor(
+            pool = _Executor(
                 max_workers=processes,
                 context=make_context(start_method, preload=FORKSERVER_PRELOAD),
                 timeout=IDLE_TIMEOUT,
@@ -105,9 +122,15 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     """Kill the workers and wait (bounded) until loky has released its
     queues and semaphores, so nothing of the pool outlives this call."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
-    # Taken before shutdown(), which forgets it; joining it is what waits for
-    # loky to release its queues and their named semaphores.
+    procs += [p for p in list(getattr(pool, "_sks_workers", ())) if p not in procs]
+    # Taken before shutdown(), which forgets them; joining the manager thread
+    # and then the call queue's feeder thread is what waits for loky to
+    # release its queues and their named semaphores. The feeder is not joined
+    # by loky in the process that made the queue (``join_thread()`` is a
+    # no-op there): while it still runs, it holds the queue and its three
+    # semaphores, and a check of /dev/shm right after shutdown finds them.
     manager = getattr(pool, "_executor_manager_thread", None)
+    call_queue = getattr(pool, "_call_queue", None)
     with contextlib.suppress(Exception):
         pool.shutdown(wait=False, kill_workers=True)
     for proc in procs:
@@ -119,6 +142,10 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     if manager is not None:
         with contextlib.suppress(Exception):
             manager.join(timeout=join_timeout)
+    feeder = getattr(call_queue, "_thread", None)
+    if feeder is not None:
+        with contextlib.suppress(Exception):
+            feeder.join(timeout=join_timeout)
 
 
 def shutdown_all(join_timeout: float = 5.0) -> None:
