@@ -21,7 +21,6 @@ for debugging). A new one is a subclass of :class:`Transport`.
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,12 +171,3 @@ class Transport(ABC):
     def release(self) -> None:
         """Free what the run holds (segments, futures); idempotent."""
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` s passed; its last answer."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
-    return True
