@@ -103,7 +103,8 @@ def _kill_hung_script(proc: subprocess.Popen) -> None:
     once everything else of the script is dead they unlink what it
     registered (loky's semaphores) and exit."""
     import psutil
-    from shm_kernel_safe.janitor import cleanup_stale
+
+    from shm_kernel_safe.memory.janitor import cleanup_stale
 
     try:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
