@@ -193,9 +193,11 @@ def make_progress(mode: str) -> _Progress | None:
 class ThrottledReport:
     """Calls ``callback(done, total)`` at most ten times a second.
 
-    Both engines report from their wait loop, which wakes far more often;
-    ``count`` (reading shared counters or summing chunk reports) is only
-    called when a report is due. A None callback makes every call a no-op.
+    The engine reports from its wait loop, which wakes far more often;
+    ``count`` (the transport's items done: shared counters, chunk reports)
+    is only called when a report is due, and a report never goes below the
+    last one (items a dead worker took along are run again). A None
+    callback makes every call a no-op.
     """
 
     EVERY = 0.1
@@ -207,6 +209,7 @@ class ThrottledReport:
         self.total = total
         self.count = count
         self.last = 0.0
+        self.reported = 0
 
     def __call__(self, force: bool = False) -> None:
         if self.callback is None:
@@ -214,4 +217,5 @@ class ThrottledReport:
         now = time.monotonic()
         if force or now - self.last >= self.EVERY:
             self.last = now
-            self.callback(min(self.count(), self.total), self.total)
+            self.reported = max(self.reported, min(self.count(), self.total))
+            self.callback(self.reported, self.total)
