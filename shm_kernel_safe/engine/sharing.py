@@ -9,8 +9,10 @@ items), is replaced by a small :class:`~shm_kernel_safe.arrays.SharedArray`:
 
 * an array that already lives in one of our segments travels as a handle
   with no copy (writable in workers if it is writable here);
-* any other big array is copied once into a new read-only segment, owned by
-  the call and unlinked when the call ends.
+* any other big array is copied into a read-only segment that the share
+  cache (:mod:`~shm_kernel_safe.memory.share_cache`) keeps for later calls
+  while the caller's array object lives with the same bytes: the next call
+  hashes the array and, unchanged, copies nothing.
 
 Workers rebuild the arrays as views of segments they map once and keep.
 """
@@ -26,8 +28,9 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ..memory.arrays import SharedArray, handle_of, share
-from ..memory.segments import unlink_name
+from ..memory.arrays import SharedArray, handle_of
+from ..memory.share_cache import Lease
+from ..memory.share_cache import cache as share_cache
 
 DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
 
@@ -36,9 +39,10 @@ DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
 class SharingReport:
     """What pickling a payload did, for cleanup and for the benchmarks."""
 
-    created: list[SharedArray] = field(default_factory=list)  # owned by the call
     reused: list[SharedArray] = field(default_factory=list)  # already in segments
-    copied_bytes: int = 0
+    copied_bytes: int = 0  # copied into shared memory by this call
+    leases: list[Lease] = field(default_factory=list)  # copies from the share cache
+    cached_bytes: int = 0  # ordinary arrays served by an unchanged cached copy
 
 
 class ArrayPickler(cloudpickle.Pickler):
@@ -106,10 +110,12 @@ class _SharingPickler(ArrayPickler):
         key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
         handle = self._by_data.get(key)
         if handle is None:
-            handle = share(arr).as_readonly()
+            lease = share_cache.acquire(arr)
+            handle = lease.handle
             self._by_data[key] = handle
-            self._report.created.append(handle)
-            self._report.copied_bytes += arr.nbytes
+            self._report.leases.append(lease)
+            self._report.copied_bytes += lease.copied_bytes
+            self._report.cached_bytes += arr.nbytes - lease.copied_bytes
         return handle
 
 
@@ -137,10 +143,11 @@ def dumps(
 
 
 def release(report: SharingReport) -> None:
-    """Free the names of segments a payload created; views elsewhere live on."""
-    for handle in report.created:
-        unlink_name(handle.name)
-    report.created.clear()
+    """Give back the payload's shared copies: copies made for this call alone
+    are unlinked, cached ones stay for the next call; views elsewhere live on."""
+    for lease in report.leases:
+        share_cache.release(lease)
+    report.leases.clear()
 
 
 # -- worker side ----------------------------------------------------------------
