@@ -11,6 +11,7 @@ import numpy as np
 from .engine import sharing
 from .engine.progress import make_progress
 from .engine.run import ProgressCallback, Run, check_options, check_processes
+from .engine.threads import check_threads
 from .engine.transport import Inputs, Transport
 from .errors import InvalidArgumentError
 from .transports.local.transport import LocalTransport
@@ -22,7 +23,12 @@ BACKENDS = ("local", "dask", "serial")
 
 
 def make_transport(
-    backend: str, *, processes: int | None, start_method: str | None, client: Any
+    backend: str,
+    *,
+    processes: int | None,
+    start_method: str | None,
+    client: Any,
+    threads_per_worker: int | None = None,
 ) -> Transport:
     """The transport for ``backend``; rejects options that do not apply to it."""
     if backend not in BACKENDS:
@@ -32,6 +38,7 @@ def make_transport(
             message=f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}",
         )
     check_processes(processes)
+    check_threads(threads_per_worker)
     if backend != "dask" and client is not None:
         raise InvalidArgumentError(
             "client",
@@ -39,10 +46,11 @@ def make_transport(
             message=f"client= is for backend='dask'; the {backend} backend has no client",
         )
     if backend == "local":
-        return LocalTransport(processes, start_method)
+        return LocalTransport(processes, start_method, threads_per_worker)
     if backend == "serial":
-        # -n and --start-method are accepted and ignored, so that a cell is
-        # switched to serial for debugging by adding one option.
+        # -n, --start-method and --threads are accepted and ignored, so that
+        # a cell is switched to serial for debugging by adding one option;
+        # items run in this process, whose BLAS threads are the user's.
         return SerialTransport()
     if start_method is not None:
         raise InvalidArgumentError(
@@ -58,9 +66,17 @@ def make_transport(
             message="processes= sizes the local dask cluster; "
             "a given client's cluster has its own workers",
         )
+    if client is not None and threads_per_worker is not None:
+        raise InvalidArgumentError(
+            "threads_per_worker",
+            "bounds the workers of the local dask cluster; a given client's cluster "
+            "keeps its own settings",
+            message="threads_per_worker= bounds the workers of the local dask cluster; "
+            "a given client's cluster keeps its own settings",
+        )
     from .transports.dask.transport import DaskTransport
 
-    return DaskTransport(client, processes)
+    return DaskTransport(client, processes, threads_per_worker)
 
 
 def parallel_map(
@@ -77,6 +93,7 @@ def parallel_map(
     progress: ProgressCallback | str | None = None,
     backend: str = "local",
     client: Any = None,
+    threads_per_worker: int | None = None,
 ) -> np.ndarray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
@@ -84,7 +101,10 @@ def parallel_map(
     found in ``items`` reach the workers without pickling: read-only copies
     in shared memory made once per call, or zero copies when they already
     live in shared memory (:func:`~shm_kernel_safe.empty`,
-    :func:`~shm_kernel_safe.zeros`, :func:`~shm_kernel_safe.share`). Items
+    :func:`~shm_kernel_safe.zeros`, :func:`~shm_kernel_safe.share`). A copy
+    is kept for the next call while the same array object holds the same
+    bytes (checked with a fast hash each call), so running a cell again
+    copies nothing; ``del x`` or any change to ``x`` releases it. Items
     go out in chunks planned from the time of the first item, so that tiny
     items cost microseconds, not a message each.
 
@@ -127,6 +147,12 @@ def parallel_map(
     client : distributed.Client or str, optional
         With ``backend="dask"``: the client to use, or a scheduler address;
         None starts a loopback ``LocalCluster`` once and reuses it.
+    threads_per_worker : int, optional
+        BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
+        Default: the usable CPUs divided by the workers, at least 1, so that
+        workers x threads <= CPUs. Applies to workers we start (the local
+        pool, our dask ``LocalCluster``); this process's own BLAS is never
+        changed, so ``backend="serial"`` ignores it.
 
     Returns
     -------
@@ -168,7 +194,11 @@ def parallel_map(
     """
     outputs, seq = check_options(fn, chunksize, timeout, out, items)
     transport = make_transport(
-        backend, processes=processes, start_method=start_method, client=client
+        backend,
+        processes=processes,
+        start_method=start_method,
+        client=client,
+        threads_per_worker=threads_per_worker,
     )
     if len(seq) == 0:
         return []
@@ -193,12 +223,16 @@ def parallel_map(
     return result
 
 
-def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:
+def prestart(
+    processes: int | None = None,
+    start_method: str | None = None,
+    threads_per_worker: int | None = None,
+) -> list[int]:
     """Start the local pool's workers now, so that the first call is warm.
 
     Parameters
     ----------
-    processes, start_method
+    processes, start_method, threads_per_worker
         As for :func:`parallel_map`; the pool started is the one a call
         with the same arguments uses.
 
@@ -208,4 +242,5 @@ def prestart(processes: int | None = None, start_method: str | None = None) -> l
         The workers' process ids.
     """
     check_processes(processes)
-    return _prestart_local(processes, start_method)
+    check_threads(threads_per_worker)
+    return _prestart_local(processes, start_method, threads_per_worker)

@@ -23,6 +23,7 @@ from ...engine import sharing
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
+from ...engine.threads import threads_for
 from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost, wait_until
 from ...errors import InvalidArgumentError
 from ...memory.arrays import SharedArray, empty, handle_of, share
@@ -47,14 +48,22 @@ def check_start_method(start_method: str | None) -> str:
 
 
 class LocalTransport(Transport):
-    """Chunks run in a warm pool of ``processes`` workers started with ``start_method``."""
+    """Chunks run in a warm pool of ``processes`` workers started with
+    ``start_method``, each bounded to ``threads_per_worker`` BLAS/OpenMP
+    threads (default: the CPUs shared out, see ``engine.threads``)."""
 
     name = "local"
     min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
 
-    def __init__(self, processes: int | None = None, start_method: str | None = None) -> None:
+    def __init__(
+        self,
+        processes: int | None = None,
+        start_method: str | None = None,
+        threads_per_worker: int | None = None,
+    ) -> None:
         self.workers = processes or _platform.usable_cpus()
         self.start_method = check_start_method(start_method)
+        self.threads = threads_for(self.workers, threads_per_worker)
         self.call_id = uuid.uuid4().hex
         self.owned: list[str] = []  # segment names this run created
         self.report = sharing.SharingReport()
@@ -88,7 +97,7 @@ class LocalTransport(Transport):
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.ctrl = ControlBlock.create(chunk_bound(self.workers))
         self.control = self._own(self.ctrl.array)
-        self.executor = pools.get_pool(self.workers, self.start_method)
+        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
         layout = stack_layout(first)
@@ -136,7 +145,7 @@ class LocalTransport(Transport):
         if not kill:
             kill = not wait_until(lambda: not self.ctrl.running(), grace)
         if kill:
-            pools.discard(self.workers, self.start_method)
+            pools.discard(self.workers, self.start_method, self.threads)
 
     def land_outputs(self) -> None:
         for original, shared in self.copy_back:
@@ -181,12 +190,16 @@ class LocalTransport(Transport):
         )
 
 
-def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:
+def prestart(
+    processes: int | None = None,
+    start_method: str | None = None,
+    threads_per_worker: int | None = None,
+) -> list[int]:
     """Start a pool's workers now so the first call is warm; returns their pids."""
     from .worker import ping
 
-    transport = LocalTransport(processes, start_method)
-    executor = pools.get_pool(transport.workers, transport.start_method)
+    transport = LocalTransport(processes, start_method, threads_per_worker)
+    executor = pools.get_pool(transport.workers, transport.start_method, transport.threads)
     futures = [executor.submit(ping) for _ in range(transport.workers * 2)]
     for fut in futures:
         fut.result()
