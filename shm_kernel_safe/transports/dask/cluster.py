@@ -173,15 +173,20 @@ def local_threads() -> int | None:
 def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: int = 1) -> Any:
     """Our LocalCluster: worker processes on loopback, tuned for our chunks.
 
-    Nannies start workers with the BLAS/OpenMP thread variables at
-    ``threads`` (dask's default is 1), before they import numpy.
+    Workers start with the BLAS/OpenMP thread variables at ``threads``
+    (the nanny's ``env``, set in the worker process before it starts its
+    worker; the ``ThreadLimits`` plugin then bounds libraries already
+    loaded). Not through dask's ``pre-spawn-environ``: an in-process nanny
+    writes those into *this* process's environment, so every library the
+    kernel loaded later would have run on one thread.
 
     Without the Active Memory Manager: it would drop the replicas a broadcast
     made (no task waits on them between chunks), workers would fetch big
     arrays again, and a single death could lose scattered data.
     """
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.update(dict.fromkeys(THREAD_ENV_VARS, threads))
+    for var in THREAD_ENV_VARS:
+        environ.pop(var, None)
     with dask.config.set(
         {
             "distributed.scheduler.active-memory-manager.start": False,
@@ -197,6 +202,7 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: i
             # health and metrics otherwise) also on loopback, any free port
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.CRITICAL,  # our errors say what happened
+            env=dict.fromkeys(THREAD_ENV_VARS, str(threads)),
             # Dask's statistical profiler samples each worker's task
             # thread 100 times a second, taking the GIL: items ran 20-40%
             # slower with it (benchmarks/bench_dask.py). Our cluster only
