@@ -89,6 +89,32 @@ def get_pool(processes: int, start_method: str, threads: int = 1) -> ProcessPool
     return pool
 
 
+def start_in_background(processes: int, start_method: str, threads: int = 1) -> bool:
+    """Start a pool's workers in a thread, unless the pool is already warm.
+
+    Called when a call begins, so that starting workers (a forkserver that
+    imports numpy, then a fork per worker; ~0.3-1 s) overlaps with the
+    parent's own work before it needs them (copying big inputs to shared
+    memory, pickling). Returns whether a start was begun.
+    """
+    key = (processes, start_method, threads)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is not None and not _is_broken(pool):
+            return False
+        pool = get_pool(processes, start_method, threads)
+
+    def ping_all() -> None:
+        from .worker import ping
+
+        with contextlib.suppress(Exception):  # a failed start shows in the call itself
+            for fut in [pool.submit(ping) for _ in range(processes)]:
+                fut.result()
+
+    threading.Thread(target=ping_all, name="shm_kernel_safe-pool-start", daemon=True).start()
+    return True
+
+
 def _is_broken(pool: ProcessPoolExecutor) -> bool:
     return bool(getattr(pool, "_flags", None) and pool._flags.broken) or bool(
         getattr(pool, "_shutdown_thread", False)

@@ -79,6 +79,8 @@ class LocalTransport(Transport):
         self.chunks: dict[int, Chunk] = {}
 
     def encode(self, payload: Payload, inputs: Inputs) -> None:
+        # A cold pool starts in the background while big inputs are copied.
+        pools.start_in_background(self.workers, self.start_method, self.threads)
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
