@@ -197,3 +197,25 @@ def test_entry_does_not_keep_the_array_alive():
     del x
     gc.collect()
     assert ref() is None
+
+
+def attached(_: int) -> tuple[int, tuple[str, ...]]:
+    from shm_kernel_safe.memory import arrays
+
+    return os.getpid(), tuple(sorted(arrays.attached_names()))
+
+
+def test_workers_drop_a_replaced_copy_in_the_call_that_replaces_it(no_orphans):
+    x = np.ones((40_000, 16))
+
+    def probe(i):
+        return (attached(i), float(x[i, 0]))[0]
+
+    first = sks.parallel_map(probe, range(40), processes=2)
+    (old,) = share_cache.summary()
+    assert any(old["name"] in names for _, names in first)
+    x[0, 0] = 2.0
+    second = sks.parallel_map(probe, range(40), processes=2)
+    (new,) = share_cache.summary()
+    assert all(old["name"] not in names for _, names in second)  # not one call later
+    assert any(new["name"] in names for _, names in second)

@@ -47,6 +47,16 @@ def check_start_method(start_method: str | None) -> str:
     return start_method
 
 
+class _NamedNow:
+    """``Payload.keep``, read when it is pickled: after ``fn`` and ``items``
+    (a dataclass pickles its fields in order), so a cached copy that this
+    very payload replaced (its array changed) is no longer named, and
+    workers drop it now rather than one call later."""
+
+    def __reduce__(self) -> tuple:
+        return frozenset, (frozenset(r.name for r in live_segments() if not r.unlinked),)
+
+
 class LocalTransport(Transport):
     """Chunks run in a warm pool of ``processes`` workers started with
     ``start_method``, each bounded to ``threads_per_worker`` BLAS/OpenMP
@@ -88,9 +98,11 @@ class LocalTransport(Transport):
                 self.owned.append(shared.name)
                 replace[id(arr)] = shared
                 self.copy_back.append((arr, shared.view()))
-        keep = frozenset(r.name for r in live_segments() if not r.unlinked)
         data, self.report = sharing.dumps(
-            Payload(payload.fn, payload.items, keep), inputs.threshold, inputs.force, replace
+            Payload(payload.fn, payload.items, _NamedNow()),  # type: ignore[arg-type]
+            inputs.threshold,
+            inputs.force,
+            replace,
         )
         buffer = empty(len(data), dtype=np.uint8)
         buffer[:] = np.frombuffer(data, dtype=np.uint8)
