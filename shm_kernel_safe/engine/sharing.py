@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +85,10 @@ class _SharingPickler(ArrayPickler):
         force: set[int],
         report: SharingReport,
         replace: dict[int, SharedArray],
+        before_copy: Callable[[], Any] | None = None,
     ):
         super().__init__(file)
+        self._before_copy = before_copy
         self._threshold = threshold
         self._force = force
         self._report = report
@@ -110,6 +113,9 @@ class _SharingPickler(ArrayPickler):
         key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
         handle = self._by_data.get(key)
         if handle is None:
+            if self._before_copy is not None:
+                self._before_copy()  # e.g. start workers while we copy
+                self._before_copy = None
             lease = share_cache.acquire(arr)
             handle = lease.handle
             self._by_data[key] = handle
@@ -124,17 +130,22 @@ def dumps(
     threshold: int = DEFAULT_THRESHOLD,
     force: tuple[Any, ...] = (),
     replace: dict[int, SharedArray] | None = None,
+    before_copy: Callable[[], Any] | None = None,
 ) -> tuple[bytes, SharingReport]:
     """Pickle ``obj`` for workers; big arrays go to shared memory.
 
     ``force`` lists arrays to share whatever their size; ``replace`` maps
-    ``id(array)`` to the handle workers get instead (output arrays). On
-    error, segments already created for this payload are released.
+    ``id(array)`` to the handle workers get instead (output arrays);
+    ``before_copy`` is called once, before the first array that is not
+    already in shared memory is checked or copied. On error, segments
+    already created for this payload are released.
     """
     report = SharingReport()
     buf = io.BytesIO()
     try:
-        pickler = _SharingPickler(buf, threshold, {id(a) for a in force}, report, replace or {})
+        pickler = _SharingPickler(
+            buf, threshold, {id(a) for a in force}, report, replace or {}, before_copy
+        )
         pickler.dump(obj)
     except BaseException:
         release(report)

@@ -89,8 +89,6 @@ class LocalTransport(Transport):
         self.chunks: dict[int, Chunk] = {}
 
     def encode(self, payload: Payload, inputs: Inputs) -> None:
-        # A cold pool starts in the background while big inputs are copied.
-        pools.start_in_background(self.workers, self.start_method, self.threads)
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
@@ -103,6 +101,10 @@ class LocalTransport(Transport):
             inputs.threshold,
             inputs.force,
             replace,
+            # A cold pool starts in the background while big inputs are copied.
+            before_copy=lambda: pools.start_in_background(
+                self.workers, self.start_method, self.threads
+            ),
         )
         buffer = empty(len(data), dtype=np.uint8)
         buffer[:] = np.frombuffer(data, dtype=np.uint8)
