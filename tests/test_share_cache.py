@@ -219,3 +219,42 @@ def test_workers_drop_a_replaced_copy_in_the_call_that_replaces_it(no_orphans):
     (new,) = share_cache.summary()
     assert all(old["name"] not in names for _, names in second)  # not one call later
     assert any(new["name"] in names for _, names in second)
+
+
+def test_low_dev_shm_evicts_older_copies_first(monkeypatch):
+    from shm_kernel_safe.memory import share_cache as module
+
+    cache = ShareCache(max_bytes=1 << 40)
+    a, b = np.ones((40_000, 16)), np.zeros((40_000, 16))  # 5.12 MB each
+    cache.release(cache.acquire(a))
+    monkeypatch.setattr(module, "_shm_size", lambda: 40_000_000)
+    # 12 MB free: taking 5 MB more would leave less than a quarter (10 MB)
+    monkeypatch.setattr(module.capacity, "free_bytes", lambda directory=None: 12_000_000)
+    lease = cache.acquire(b)
+    assert [e["shape"] for e in cache.summary()] == [b.shape]  # a's copy went first
+    cache.release(lease)
+    cache.clear()
+
+
+def test_a_full_dev_shm_empties_the_cache_and_retries(monkeypatch):
+    from shm_kernel_safe.errors import SharedMemoryCapacityError
+    from shm_kernel_safe.memory import share_cache as module
+
+    cache = ShareCache(max_bytes=1 << 40)
+    a, b = np.ones((40_000, 16)), np.zeros((40_000, 16))
+    first = cache.acquire(a)
+    cache.release(first)
+    real_share, calls = module.share, []
+
+    def share_once_full(arr):
+        calls.append(arr.shape)
+        if len(calls) == 1:
+            raise SharedMemoryCapacityError(arr.nbytes, 0, "/dev/shm")
+        return real_share(arr)
+
+    monkeypatch.setattr(module, "share", share_once_full)
+    lease = cache.acquire(b)
+    assert len(calls) == 2 and not segment_exists(first.handle.name)
+    assert np.array_equal(lease.handle.view(), b)
+    cache.release(lease)
+    cache.clear()
