@@ -7,6 +7,7 @@ python benchmarks/table.py benchmarks/results/dask_ms_1M.json benchmarks/results
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 ORDER = [
@@ -17,7 +18,11 @@ ORDER = [
     "joblib (loky, auto-memmap) cold",
     "joblib (loky, auto-memmap) warm",
     "parallel_map cold (pool start included)",
-    "parallel_map warm, x auto-shared per call",
+    "parallel_map warm, x ordinary, 1st call (copied)",
+    "parallel_map warm, x ordinary, 2nd call (cached copy reused)",
+    "parallel_map warm, x ordinary, 3rd call (cached copy reused)",
+    "parallel_map warm, x ordinary, after x[123, 4] += 1 (copied again)",
+    "parallel_map warm, x ordinary, cache off (copied every call)",
     "parallel_map warm, x pre-shared (zero copy)",
     "parallel_map warm, x pre-shared, text progress bar",
 ]
@@ -33,13 +38,33 @@ def cell(run: dict, name: str) -> str:
     return f"{t:.2f} s ({serial / t:.2f}x serial, {floor / t:.2f} of floor)"
 
 
+def _median_of_round_ratios(run: dict, name: str) -> float:
+    floor = run["all_times"]["floor: forked halves, no messages"]
+    return statistics.median(f / t for f, t in zip(floor, run["all_times"][name], strict=True))
+
+
+def _round_ratios(run: dict, name: str) -> str:
+    floor = run["all_times"]["floor: forked halves, no messages"]
+    ratios = [f / t for f, t in zip(floor, run["all_times"][name], strict=True)]
+    return ", ".join(f"{r:.2f}" for r in ratios)
+
+
 def summary(run: dict) -> str:
     ov = run["overhead_us"]
+    reused = "parallel_map warm, x ordinary, 2nd call (cached copy reused)"
     parts = [
-        f"warm parallel_map vs warm joblib {run['vs_joblib_warm']:.2f}x (auto-shared) / "
+        f"warm parallel_map vs warm joblib {run['vs_joblib_warm']:.2f}x (x ordinary, reused) / "
         f"{run['vs_joblib_warm_preshared']:.2f}x (pre-shared)",
-        f"per-task overhead {ov['parallel_map']:.1f} us (auto-shared), "
+        f"x ordinary, 2nd call: {_median_of_round_ratios(run, reused):.2f} of floor as the "
+        f"median of per-round ratios (rounds {_round_ratios(run, reused)})",
+        f"per-task overhead {ov['parallel_map']:.1f} us (x ordinary, reused; "
+        f"{run['overhead_ratio_vs_joblib']:.2f} of joblib's), "
         f"{ov['parallel_map_preshared']:.1f} us (pre-shared) vs joblib {ov['joblib']:.1f} us",
+        f"content check {run['check_s'] * 1e3:.0f} ms = {100 * run['check_cost_of_copy']:.1f}% "
+        f"of a copy into shared memory ({run['share_fresh_s'] * 1e3:.0f} ms), "
+        f"{100 * run['check_cost_of_memcpy']:.0f}% of x.copy()",
+        f"PSS added by the cache {run['pss_added_by_cache_mb']:.0f} MiB "
+        f"(one copy of x: budget {run['pss_added_by_cache_budget_mb']:.0f} MiB)",
         f"sharing x costs {run['sharing_cost_memcpy']:.2f} memcpy",
         f"total PSS with x shared {run['pss_shared_mb']:.0f} MiB "
         f"(budget {run['pss_budget_mb']:.0f} MiB)",
@@ -48,6 +73,9 @@ def summary(run: dict) -> str:
     ]
     if "progress_cost_pct" in run:
         parts.append(f"a live progress bar {run['progress_cost_pct']:+.1f}% of run time")
+    if "load_avg_1min" in run:
+        loads = run["load_avg_1min"]
+        parts.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f} on 2 cores")
     return "; ".join(parts)
 
 
@@ -94,12 +122,32 @@ def render(runs: list[dict], order: list[str], cell_of, summary_of) -> None:
         print(f"* {head}: {summary_of(run)}")
 
 
+def render_blas(run: dict) -> None:
+    """BLAS-heavy items: each contender's median and rounds, as a table."""
+    hand = next(n for n in run["times"] if n.startswith("1 BLAS"))
+    print(f"| {run['items']} items of one 400x400 matmul | median | of hand-limited | rounds |")
+    print("| --- | --- | --- | --- |")
+    for name, t in run["times"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in run["all_times"][name])
+        print(f"| {name} | {t:.2f} s | {run['times'][hand] / t:.2f} | {rounds} |")
+    print()
+    per_round = ", ".join(f"{r:.2f}" for r in run["default_vs_hand_rounds"])
+    print(
+        f"* default vs hand-limited per round: {per_round}; slowest default round "
+        f"{run['worst_default_round_vs_median']:.2f}x its median; 1-min load average "
+        f"{min(run['load_avg_1min']):.1f}-{max(run['load_avg_1min']):.1f} on 2 cores"
+    )
+
+
 def main(paths: list[str]) -> None:
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
-    if all("dask_vs_local" in r for r in runs):  # benchmarks/bench_dask.py results
+    if all(r.get("mode") == "blas" for r in runs):  # bench_hourly.py --mode blas
+        for run in runs:
+            render_blas(run)
+    elif all("dask_vs_local" in r for r in runs):  # benchmarks/bench_dask.py results
         render(runs, DASK_ORDER, dask_cell, dask_summary)
     else:
         render(runs, ORDER, cell, summary)

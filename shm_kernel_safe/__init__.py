@@ -30,10 +30,32 @@ from .errors import (
 from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .memory.janitor import StaleSegment, cleanup_stale, find_stale
 from .memory.segments import live_segments
+from .memory.share_cache import cache as _share_cache
 from .memory.stdlib_patch import is_protected, protect, unprotect
 from .transports.local.pool import shutdown_all as shutdown_pools
 
 __version__ = "0.1.0.dev0"
+
+
+def share_cache_limit(max_bytes: int | None = None) -> int:
+    """Cap, in bytes, on the shared copies kept for arrays passed unshared.
+
+    ``parallel_map`` copies an ordinary big array into shared memory once
+    and reuses the copy while the same array object holds the same bytes.
+
+    Parameters
+    ----------
+    max_bytes : int, optional
+        New cap; 0 turns the reuse off (every call copies). Default cap:
+        half the shared-memory filesystem, or the environment variable
+        ``SHM_KERNEL_SAFE_SHARE_CACHE_BYTES``.
+
+    Returns
+    -------
+    int
+        The cap in force.
+    """
+    return _share_cache.limit(max_bytes)
 
 
 def load_ipython_extension(shell):
@@ -81,6 +103,7 @@ __all__ = [
     "prestart",
     "protect",
     "share",
+    "share_cache_limit",
     "shutdown_pools",
     "tune_malloc",
     "unprotect",

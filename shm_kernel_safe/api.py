@@ -21,6 +21,7 @@ from .engine.run import (
     check_processes,
     check_recovery,
 )
+from .engine.threads import check_threads
 from .engine.transport import Inputs, Transport
 from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning, PartialResults
 from .transports.local.transport import LocalTransport
@@ -52,7 +53,12 @@ def last_errors() -> FailedItems:
 
 
 def make_transport(
-    backend: str, *, processes: int | None, start_method: str | None, client: Any
+    backend: str,
+    *,
+    processes: int | None,
+    start_method: str | None,
+    client: Any,
+    threads_per_worker: int | None = None,
 ) -> Transport:
     """The transport for ``backend``; rejects options that do not apply to it."""
     if backend not in BACKENDS:
@@ -62,6 +68,7 @@ def make_transport(
             message=f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}",
         )
     check_processes(processes)
+    check_threads(threads_per_worker)
     if backend != "dask" and client is not None:
         raise InvalidArgumentError(
             "client",
@@ -69,10 +76,11 @@ def make_transport(
             message=f"client= is for backend='dask'; the {backend} backend has no client",
         )
     if backend == "local":
-        return LocalTransport(processes, start_method)
+        return LocalTransport(processes, start_method, threads_per_worker)
     if backend == "serial":
-        # -n and --start-method are accepted and ignored, so that a cell is
-        # switched to serial for debugging by adding one option.
+        # -n, --start-method and --threads are accepted and ignored, so that
+        # a cell is switched to serial for debugging by adding one option;
+        # items run in this process, whose BLAS threads are the user's.
         return SerialTransport()
     if start_method is not None:
         raise InvalidArgumentError(
@@ -88,9 +96,17 @@ def make_transport(
             message="processes= sizes the local dask cluster; "
             "a given client's cluster has its own workers",
         )
+    if client is not None and threads_per_worker is not None:
+        raise InvalidArgumentError(
+            "threads_per_worker",
+            "bounds the workers of the local dask cluster; a given client's cluster "
+            "keeps its own settings",
+            message="threads_per_worker= bounds the workers of the local dask cluster; "
+            "a given client's cluster keeps its own settings",
+        )
     from .transports.dask.transport import DaskTransport
 
-    return DaskTransport(client, processes)
+    return DaskTransport(client, processes, threads_per_worker)
 
 
 def parallel_map(
@@ -111,6 +127,7 @@ def parallel_map(
     retries: int = 0,
     item_timeout: float | None = None,
     resume: Any = None,
+    threads_per_worker: int | None = None,
 ) -> np.ndarray | np.ma.MaskedArray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
@@ -118,7 +135,10 @@ def parallel_map(
     found in ``items`` reach the workers without pickling: read-only copies
     in shared memory made once per call, or zero copies when they already
     live in shared memory (:func:`~shm_kernel_safe.empty`,
-    :func:`~shm_kernel_safe.zeros`, :func:`~shm_kernel_safe.share`). Items
+    :func:`~shm_kernel_safe.zeros`, :func:`~shm_kernel_safe.share`). A copy
+    is kept for the next call while the same array object holds the same
+    bytes (checked with a fast hash each call), so running a cell again
+    copies nothing; ``del x`` or any change to ``x`` releases it. Items
     go out in chunks planned from the time of the first item, so that tiny
     items cost microseconds, not a message each.
 
@@ -179,6 +199,12 @@ def parallel_map(
         What an earlier call of the same ``fn`` over the same ``items``
         completed (an error it raised, or :func:`last_errors`): only the
         items not done run, and the complete result is returned.
+    threads_per_worker : int, optional
+        BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
+        Default: the usable CPUs divided by the workers, at least 1, so that
+        workers x threads <= CPUs. Applies to workers we start (the local
+        pool, our dask ``LocalCluster``); this process's own BLAS is never
+        changed, so ``backend="serial"`` ignores it.
 
     Returns
     -------
@@ -230,7 +256,11 @@ def parallel_map(
     outputs, seq = check_options(fn, chunksize, timeout, out, items)
     check_recovery(errors, retries, item_timeout)
     transport = make_transport(
-        backend, processes=processes, start_method=start_method, client=client
+        backend,
+        processes=processes,
+        start_method=start_method,
+        client=client,
+        threads_per_worker=threads_per_worker,
     )
     prior = _prior(resume, len(seq))
     _last.errors = None
@@ -310,12 +340,16 @@ def _merged(prior: tuple[np.ndarray, Any], todo: np.ndarray | None, run: Run) ->
     return done, finish(values, done)
 
 
-def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:
+def prestart(
+    processes: int | None = None,
+    start_method: str | None = None,
+    threads_per_worker: int | None = None,
+) -> list[int]:
     """Start the local pool's workers now, so that the first call is warm.
 
     Parameters
     ----------
-    processes, start_method
+    processes, start_method, threads_per_worker
         As for :func:`parallel_map`; the pool started is the one a call
         with the same arguments uses.
 
@@ -325,4 +359,5 @@ def prestart(processes: int | None = None, start_method: str | None = None) -> l
         The workers' process ids.
     """
     check_processes(processes)
-    return _prestart_local(processes, start_method)
+    check_threads(threads_per_worker)
+    return _prestart_local(processes, start_method, threads_per_worker)

@@ -4,6 +4,7 @@ transport is in test_transports.py."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -170,7 +171,7 @@ def test_workers_keep_segments_the_parent_still_holds():
     """A call that does not use the shared x must not make workers drop it
     (re-mapping 1.28 GB costs a page fault per 4 KiB on the next call)."""
     x = sks.zeros(300_000)
-    other = np.ones(200_000)  # auto-shared per call, then gone
+    held = {"other": np.ones(200_000)}  # auto-shared (cached while it lives), then gone
     name = sks.handle_of(x).name
 
     def names(i):
@@ -184,8 +185,12 @@ def test_workers_keep_segments_the_parent_still_holds():
     first = sks.parallel_map(lambda i: (names(i), float(x[i]))[0], range(50), processes=2)
     had_x = {pid for pid, n in first if name in n}  # workers that attached x
     assert had_x
-    with_other = sks.parallel_map(lambda i: (names(i), float(other[i]))[0], range(50), processes=2)
+    with_other = sks.parallel_map(
+        lambda i: (names(i), float(held["other"][i]))[0], range(50), processes=2
+    )
     assert all(name in n for pid, n in with_other if pid in had_x)  # kept though unused
+    held.clear()  # its cached shared copy goes with it
+    gc.collect()
     after = sks.parallel_map(lambda i: names(i), range(50), processes=2)
     assert all(name in n for pid, n in after if pid in had_x)
     live = {r.name for r in live_segments() if not r.unlinked}

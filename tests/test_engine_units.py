@@ -213,3 +213,6 @@ def test_package_registers_its_closers_once():
     assert order["segment-names"] < order["local-pools"] < order["mp-helpers"]
     events = {name: e for name, _, e in lifecycle.registered()}
     assert lifecycle.UNLOAD not in events["segment-names"]  # the user's arrays stay named
+    # cached copies of the user's ordinary arrays are ours: dropped on every event, first
+    assert order["share-cache"] < order["segment-names"]
+    assert events["share-cache"] == lifecycle.EVENTS

@@ -9,8 +9,10 @@ items), is replaced by a small :class:`~shm_kernel_safe.memory.arrays.SharedArra
 
 * an array that already lives in one of our segments travels as a handle
   with no copy (writable in workers if it is writable here);
-* any other big array is copied once into a new read-only segment, owned by
-  the call and unlinked when the call ends.
+* any other big array is copied into a read-only segment that the share
+  cache (:mod:`~shm_kernel_safe.memory.share_cache`) keeps for later calls
+  while the caller's array object lives with the same bytes: the next call
+  hashes the array and, unchanged, copies nothing.
 
 Workers rebuild the arrays as views of segments they map once and keep.
 """
@@ -20,14 +22,16 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 import numpy as np
 
-from ..memory.arrays import SharedArray, handle_of, share
-from ..memory.segments import unlink_name
+from ..memory.arrays import SharedArray, handle_of
+from ..memory.share_cache import Lease
+from ..memory.share_cache import cache as share_cache
 
 DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
 
@@ -36,9 +40,10 @@ DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
 class SharingReport:
     """What pickling a payload did, for cleanup and for the benchmarks."""
 
-    created: list[SharedArray] = field(default_factory=list)  # owned by the call
     reused: list[SharedArray] = field(default_factory=list)  # already in segments
-    copied_bytes: int = 0
+    copied_bytes: int = 0  # copied into shared memory by this call
+    leases: list[Lease] = field(default_factory=list)  # copies from the share cache
+    cached_bytes: int = 0  # ordinary arrays served by an unchanged cached copy
 
 
 class ArrayPickler(cloudpickle.Pickler):
@@ -80,8 +85,10 @@ class _SharingPickler(ArrayPickler):
         force: set[int],
         report: SharingReport,
         replace: dict[int, SharedArray],
+        before_copy: Callable[[], Any] | None = None,
     ):
         super().__init__(file)
+        self._before_copy = before_copy
         self._threshold = threshold
         self._force = force
         self._report = report
@@ -106,10 +113,15 @@ class _SharingPickler(ArrayPickler):
         key = (arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str)
         handle = self._by_data.get(key)
         if handle is None:
-            handle = share(arr).as_readonly()
+            if self._before_copy is not None:
+                self._before_copy()  # e.g. start workers while we copy
+                self._before_copy = None
+            lease = share_cache.acquire(arr)
+            handle = lease.handle
             self._by_data[key] = handle
-            self._report.created.append(handle)
-            self._report.copied_bytes += arr.nbytes
+            self._report.leases.append(lease)
+            self._report.copied_bytes += lease.copied_bytes
+            self._report.cached_bytes += arr.nbytes - lease.copied_bytes
         return handle
 
 
@@ -118,17 +130,22 @@ def dumps(
     threshold: int = DEFAULT_THRESHOLD,
     force: tuple[Any, ...] = (),
     replace: dict[int, SharedArray] | None = None,
+    before_copy: Callable[[], Any] | None = None,
 ) -> tuple[bytes, SharingReport]:
     """Pickle ``obj`` for workers; big arrays go to shared memory.
 
     ``force`` lists arrays to share whatever their size; ``replace`` maps
-    ``id(array)`` to the handle workers get instead (output arrays). On
-    error, segments already created for this payload are released.
+    ``id(array)`` to the handle workers get instead (output arrays);
+    ``before_copy`` is called once, before the first array that is not
+    already in shared memory is checked or copied. On error, segments
+    already created for this payload are released.
     """
     report = SharingReport()
     buf = io.BytesIO()
     try:
-        pickler = _SharingPickler(buf, threshold, {id(a) for a in force}, report, replace or {})
+        pickler = _SharingPickler(
+            buf, threshold, {id(a) for a in force}, report, replace or {}, before_copy
+        )
         pickler.dump(obj)
     except BaseException:
         release(report)
@@ -137,10 +154,11 @@ def dumps(
 
 
 def release(report: SharingReport) -> None:
-    """Free the names of segments a payload created; views elsewhere live on."""
-    for handle in report.created:
-        unlink_name(handle.name)
-    report.created.clear()
+    """Give back the payload's shared copies: copies made for this call alone
+    are unlinked, cached ones stay for the next call; views elsewhere live on."""
+    for lease in report.leases:
+        share_cache.release(lease)
+    report.leases.clear()
 
 
 # -- worker side ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share
+from ..memory.share_cache import cache as share_cache
 from ..transports.dask import cluster as dask_cluster
 from ..transports.local import pool
 from . import cells
@@ -42,6 +43,7 @@ OPTION_OF = {
     "timeout": "--timeout",
     "client": "--scheduler/--client",
     "backend": "--backend",
+    "threads_per_worker": "--threads",
     "fn": "the cell",
     "errors": "--errors",
     "retries": "--retries",
@@ -75,6 +77,15 @@ class ShmMagics(Magics):
         default=None,
         choices=["spawn", "forkserver", "fork"],
         help="how workers start (default: forkserver on Linux, spawn elsewhere)",
+    )
+    @argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="BLAS/OpenMP threads per worker (default: the usable CPUs divided by the "
+        "workers, at least 1, so that workers x threads <= CPUs); this kernel's own "
+        "BLAS is not changed",
     )
     @argument(
         "--chunksize",
@@ -253,6 +264,7 @@ class ShmMagics(Magics):
                 retries=args.retries,
                 item_timeout=args.item_timeout,
                 resume=prior,
+                threads_per_worker=args.threads,
             )
         except InvalidArgumentError as exc:
             if exc.argument == "client" and args.client and isinstance(exc, TypeError):
@@ -372,7 +384,9 @@ class ShmMagics(Magics):
 
     @line_magic
     def shm_status(self, line: str = "") -> None:
-        """Shared-memory segments of this kernel, stale ones, and warm pools."""
+        """Shared-memory segments of this kernel, stale ones, cached copies of
+        ordinary arrays, warm pools (with their BLAS threads per worker) and
+        dask clusters."""
         live = segments.live_segments()
         print(f"Segments of this kernel: {len(live)}")
         for rec in live:
@@ -387,10 +401,26 @@ class ShmMagics(Magics):
         )
         for seg in stale:
             print(f"  {seg.name}  {human_bytes(seg.nbytes):>10}  owner pid {seg.owner_pid}")
+        cached = share_cache.summary()
+        print(
+            f"Cached shared copies of arrays: {len(cached)}, "
+            f"{human_bytes(sum(c['nbytes'] for c in cached))} "
+            f"(cap {human_bytes(share_cache.limit())}; freed with the array or when it changes)"
+        )
+        for c in cached:
+            use = "in use, " if c["in_use"] else ""
+            print(
+                f"  {c['name']}  {human_bytes(c['nbytes']):>10} {c['shape']} {c['dtype']}  "
+                f"({use}served {c['uses']} call(s))"
+            )
         pools = pool.pool_info()
         print(f"Warm pools: {len(pools)}")
         for info in pools:
-            print(f"  {info['processes']} x {info['start_method']}: pids {info['pids']}")
+            threads = info["threads"]
+            print(
+                f"  {info['processes']} x {info['start_method']}, "
+                f"{threads} BLAS thread{'' if threads == 1 else 's'} each: pids {info['pids']}"
+            )
         clusters = dask_cluster.status_lines()  # imports no dask unless it was used
         print(f"Dask clusters: {len(clusters)}")
         for line in clusters:

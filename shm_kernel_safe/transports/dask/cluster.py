@@ -27,6 +27,7 @@ from typing import Any
 
 from ... import lifecycle
 from ..._platform import usable_cpus
+from ...engine.threads import THREAD_ENV_VARS, threads_for
 from ...errors import DaskBackendError, InvalidArgumentTypeError, human_bytes
 from ..main_free import make_context
 from .kept import kept_arrays
@@ -53,17 +54,21 @@ def import_distributed() -> Any:
     return distributed
 
 
-def get_client(client: Any = None, processes: int | None = None) -> Any:
+def get_client(
+    client: Any = None, processes: int | None = None, threads_per_worker: int | None = None
+) -> Any:
     """The ``distributed.Client`` a call runs on.
 
     ``client`` is a Client (used as is), a scheduler address such as
     ``"tcp://10.0.0.5:8786"`` (connected once, reused), or None for our own
     loopback ``LocalCluster`` with ``processes`` workers (default: the usable
-    CPUs), started on first use and reused across calls.
+    CPUs), started on first use and reused across calls, each worker bounded
+    to ``threads_per_worker`` BLAS/OpenMP threads (default: the CPUs shared
+    out, see ``engine.threads``).
     """
     distributed = import_distributed()
     if client is None:
-        result = _local_client(distributed, processes)
+        result = _local_client(distributed, processes, threads_per_worker)
     elif isinstance(client, distributed.Client):
         if client.status not in ("running", "connecting", "newly-created"):
             raise DaskBackendError(f"the dask client {client!r} is {client.status}, not running")
@@ -98,7 +103,9 @@ def _client_for_address(distributed: Any, address: str) -> Any:
         return client
 
 
-def _local_client(distributed: Any, processes: int | None) -> Any:
+def _local_client(
+    distributed: Any, processes: int | None, threads_per_worker: int | None = None
+) -> Any:
     import dask
 
     wanted = processes or usable_cpus()
@@ -119,12 +126,14 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
                     f"{WORKER_START_TIMEOUT:.0f} s ({type(exc).__name__}); see %shm_status, "
                     f"or %unload_ext and %load_ext shm_kernel_safe to start afresh"
                 ) from None
+            _limit_threads(client, threads_for(wanted, threads_per_worker))
             return client
         close_local()
         _main_free_worker_starts(True)
         path_before = list(sys.path)
         try:
-            cluster = _start_local_cluster(distributed, dask, wanted)
+            threads = threads_for(wanted, threads_per_worker)
+            cluster = _start_local_cluster(distributed, dask, wanted, threads)
         except DaskBackendError:
             _main_free_worker_starts(False)
             raise
@@ -145,12 +154,36 @@ def _local_client(distributed: Any, processes: int | None) -> Any:
         client.register_plugin(MallocTuning())
         client.register_plugin(InterruptsToTheKernel())
         _local.update(cluster=cluster, client=client)
+        _limit_threads(client, threads)
     lifecycle.hook_kernel_shutdown()
     return client
 
 
-def _start_local_cluster(distributed: Any, dask: Any, n_workers: int) -> Any:
+def _limit_threads(client: Any, threads: int) -> None:
+    """Bound BLAS/OpenMP threads in every worker of our cluster, restarted
+    ones too (a worker plugin); re-registered only when the bound changes."""
+    from .worker import ThreadLimits
+
+    if _local.get("threads") != threads:
+        client.register_plugin(ThreadLimits(threads))
+        _local["threads"] = threads
+
+
+def local_threads() -> int | None:
+    """BLAS/OpenMP threads per worker of our cluster, None when it is not running."""
+    with _lock:
+        return _local.get("threads") if _local.get("client") is not None else None
+
+
+def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: int = 1) -> Any:
     """Our LocalCluster: worker processes on loopback, tuned for our chunks.
+
+    Workers start with the BLAS/OpenMP thread variables at ``threads``
+    (the nanny's ``env``, set in the worker process before it starts its
+    worker; the ``ThreadLimits`` plugin then bounds libraries already
+    loaded). Not through dask's ``pre-spawn-environ``: an in-process nanny
+    writes those into *this* process's environment, so every library the
+    kernel loaded later would have run on one thread.
 
     Without the Active Memory Manager: it would drop the replicas a broadcast
     made (no task waits on them between chunks), workers would fetch big
@@ -162,7 +195,15 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int) -> Any:
     from .security import local_cluster_security
 
     security = local_cluster_security()
-    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    for var in THREAD_ENV_VARS:
+        environ.pop(var, None)
+    with dask.config.set(
+        {
+            "distributed.scheduler.active-memory-manager.start": False,
+            "distributed.nanny.pre-spawn-environ": environ,
+        }
+    ):
         return distributed.LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -173,6 +214,7 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int) -> Any:
             # health and metrics otherwise) also on loopback, any free port
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.CRITICAL,  # our errors say what happened
+            env=dict.fromkeys(THREAD_ENV_VARS, str(threads)),
             # Dask's statistical profiler samples each worker's task
             # thread 100 times a second, taking the GIL: items ran 20-40%
             # slower with it (benchmarks/bench_dask.py). Our cluster only
@@ -273,8 +315,10 @@ def status_lines() -> list[str]:
             has_bokeh = importlib.util.find_spec("bokeh") is not None
             dash = c.dashboard_link if has_bokeh else None
             n_kept, kept_bytes = kept_arrays.summary(c)
+            threads = _local.get("threads") if label == "local cluster" else None
             lines.append(
                 f"  {label} at {c.scheduler.address}: {len(workers)} workers"
+                + (f", {_plural(threads, 'BLAS thread')} each" if threads else "")
                 + (f", pids {pids}" if pids else "")
                 + (f", dashboard {dash}" if dash else "")
                 + (
@@ -287,6 +331,10 @@ def status_lines() -> list[str]:
     return lines
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _forget_kept(client: Any) -> None:
     if client is not None:
         kept_arrays.forget(client)
@@ -297,6 +345,7 @@ def close_local() -> None:
     with _lock:
         client = _local.pop("client", None)
         cluster = _local.pop("cluster", None)
+        _local.pop("threads", None)
     _forget_kept(client)
     for obj in (client, cluster):
         if obj is not None:

@@ -91,10 +91,16 @@ class DaskTransport(Transport):
     min_chunk_seconds = 0.02  # dask's scheduler costs ~1 ms per task
     stopped_text = "its dask tasks were cancelled"
 
-    def __init__(self, client: Any = None, processes: int | None = None) -> None:
+    def __init__(
+        self,
+        client: Any = None,
+        processes: int | None = None,
+        threads_per_worker: int | None = None,
+    ) -> None:
         cluster.import_distributed()  # before any work: a one-line error
         self.requested_client = client
         self.processes = processes
+        self.threads_per_worker = threads_per_worker
         self.call_id = uuid.uuid4().hex
         self.client: Any = None
         self.futures: dict[Any, Chunk] = {}  # dask future -> chunk, while pending
@@ -139,7 +145,9 @@ class DaskTransport(Transport):
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         from .worker import PROGRESS_TOPIC
 
-        self.client = cluster.get_client(self.requested_client, self.processes)
+        self.client = cluster.get_client(
+            self.requested_client, self.processes, self.threads_per_worker
+        )
         self.workers = max(1, sum(self.client.nthreads().values()))
         # Also without a progress display: the reports say which chunks were
         # running when workers died.

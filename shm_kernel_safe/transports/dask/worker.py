@@ -28,6 +28,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..._malloc import tune_malloc
 from ...engine.chunk_loop import run_items
 from ...engine.protocol import ChunkResult, Payload, describe_error
+from ...engine.threads import limit_threads
 
 #: Event topic of progress reports: ``[call_id, chunk, items done]``.
 PROGRESS_TOPIC = "shm_kernel_safe-progress"
@@ -265,3 +266,18 @@ class InterruptsToTheKernel(WorkerPlugin):
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ThreadLimits(WorkerPlugin):
+    """Bounds BLAS/OpenMP threads in each worker of *our* cluster, restarted
+    ones too (see ``engine.threads``); registered again, under the same
+    name, when a call asks for another bound. A cluster the user gave us is
+    left as its owner configured it."""
+
+    name = "shm_kernel_safe-thread-limits"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        limit_threads(self.threads)

@@ -1,4 +1,5 @@
-"""Warm worker pools, one per (processes, start method), kept across calls.
+"""Warm worker pools, one per (processes, start method, BLAS threads), kept
+across calls.
 
 Built on loky's ProcessPoolExecutor (joblib's backend) rather than
 ``multiprocessing.Pool``: loky notices a worker that dies (segfault,
@@ -25,6 +26,7 @@ from typing import Any
 from loky import ProcessPoolExecutor
 
 from ... import lifecycle
+from ...engine.threads import limit_threads
 from ..main_free import make_context
 from . import mp_helpers
 
@@ -35,13 +37,14 @@ FORKSERVER_PRELOAD = ("numpy", "cloudpickle", "shm_kernel_safe.transports.local.
 IDLE_TIMEOUT = 600.0
 
 _lock = threading.RLock()
-_pools: dict[tuple[int, str], ProcessPoolExecutor] = {}
+_pools: dict[tuple[int, str, int], ProcessPoolExecutor] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(threads: int) -> None:
     """Runs once in each worker.
 
-    Ignores SIGINT (see below), and:
+    Bounds BLAS/OpenMP threads to ``threads`` (``engine.threads``), ignores
+    SIGINT (see below), and:
 
     loky restarts a worker whose RSS grew by 300 MB, taking it for a leak.
     Pages of shared segments count in RSS, so a worker that maps a 1.28 GB
@@ -54,6 +57,7 @@ def _init_worker() -> None:
 
     from ..._malloc import tune_malloc
 
+    limit_threads(threads)  # before any item: workers x threads <= CPUs
     tune_malloc()  # see _malloc: up to 5x on tasks with MB-sized temporaries
     process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
     # A kernel interrupt signals the whole process group. Workers leave it
@@ -78,8 +82,9 @@ class _Executor(ProcessPoolExecutor):
         workers.update(self._processes.values())
 
 
-def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
-    key = (processes, start_method)
+def get_pool(processes: int, start_method: str, threads: int = 1) -> ProcessPoolExecutor:
+    """The warm pool of ``processes`` workers, each bounded to ``threads`` BLAS threads."""
+    key = (processes, start_method, threads)
     with _lock:
         pool = _pools.get(key)
         if pool is not None and not _is_broken(pool):
@@ -94,10 +99,37 @@ def get_pool(processes: int, start_method: str) -> ProcessPoolExecutor:
                 context=make_context(start_method, preload=FORKSERVER_PRELOAD),
                 timeout=IDLE_TIMEOUT,
                 initializer=_init_worker,
+                initargs=(threads,),
             )
         _pools[key] = pool
     lifecycle.hook_kernel_shutdown()
     return pool
+
+
+def start_in_background(processes: int, start_method: str, threads: int = 1) -> bool:
+    """Start a pool's workers in a thread, unless the pool is already warm.
+
+    Called when a call begins, so that starting workers (a forkserver that
+    imports numpy, then a fork per worker; ~0.3-1 s) overlaps with the
+    parent's own work before it needs them (copying big inputs to shared
+    memory, pickling). Returns whether a start was begun.
+    """
+    key = (processes, start_method, threads)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is not None and not _is_broken(pool):
+            return False
+        pool = get_pool(processes, start_method, threads)
+
+    def ping_all() -> None:
+        from .worker import ping
+
+        with contextlib.suppress(Exception):  # a failed start shows in the call itself
+            for fut in [pool.submit(ping) for _ in range(processes)]:
+                fut.result()
+
+    threading.Thread(target=ping_all, name="shm_kernel_safe-pool-start", daemon=True).start()
+    return True
 
 
 def _is_broken(pool: ProcessPoolExecutor) -> bool:
@@ -110,10 +142,10 @@ def worker_pids(pool: ProcessPoolExecutor) -> list[int]:
     return list(getattr(pool, "_processes", {}) or {})
 
 
-def discard(processes: int, start_method: str) -> None:
+def discard(processes: int, start_method: str, threads: int = 1) -> None:
     """Kill a pool's workers now; the next call starts a fresh pool."""
     with _lock:
-        pool = _pools.pop((processes, start_method), None)
+        pool = _pools.pop((processes, start_method, threads), None)
     if pool is not None:
         _kill(pool)
 
@@ -160,7 +192,7 @@ def shutdown_all(join_timeout: float = 5.0) -> None:
 def pool_info() -> list[dict[str, Any]]:
     with _lock:
         return [
-            {"processes": k[0], "start_method": k[1], "pids": worker_pids(p)}
+            {"processes": k[0], "start_method": k[1], "threads": k[2], "pids": worker_pids(p)}
             for k, p in _pools.items()
         ]
 

@@ -26,6 +26,7 @@ from ...engine import sharing
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
+from ...engine.threads import threads_for
 from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
 from ...errors import InvalidArgumentError
 from ...memory.arrays import SharedArray, empty, handle_of, share
@@ -49,15 +50,33 @@ def check_start_method(start_method: str | None) -> str:
     return start_method
 
 
+class _NamedNow:
+    """``Payload.keep``, read when it is pickled: after ``fn`` and ``items``
+    (a dataclass pickles its fields in order), so a cached copy that this
+    very payload replaced (its array changed) is no longer named, and
+    workers drop it now rather than one call later."""
+
+    def __reduce__(self) -> tuple:
+        return frozenset, (frozenset(r.name for r in live_segments() if not r.unlinked),)
+
+
 class LocalTransport(Transport):
-    """Chunks run in a warm pool of ``processes`` workers started with ``start_method``."""
+    """Chunks run in a warm pool of ``processes`` workers started with
+    ``start_method``, each bounded to ``threads_per_worker`` BLAS/OpenMP
+    threads (default: the CPUs shared out, see ``engine.threads``)."""
 
     name = "local"
     min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
 
-    def __init__(self, processes: int | None = None, start_method: str | None = None) -> None:
+    def __init__(
+        self,
+        processes: int | None = None,
+        start_method: str | None = None,
+        threads_per_worker: int | None = None,
+    ) -> None:
         self.workers = processes or _platform.usable_cpus()
         self.start_method = check_start_method(start_method)
+        self.threads = threads_for(self.workers, threads_per_worker)
         self.call_id = uuid.uuid4().hex
         self.owned: list[str] = []  # segment names this run created
         self.report = sharing.SharingReport()
@@ -98,9 +117,15 @@ class LocalTransport(Transport):
                 self.owned.append(shared.name)
                 replace[id(arr)] = shared
                 self.copy_back.append((arr, shared.view()))
-        keep = frozenset(r.name for r in live_segments() if not r.unlinked)
         data, self.report = sharing.dumps(
-            Payload(payload.fn, payload.items, keep), inputs.threshold, inputs.force, replace
+            Payload(payload.fn, payload.items, _NamedNow()),  # type: ignore[arg-type]
+            inputs.threshold,
+            inputs.force,
+            replace,
+            # A cold pool starts in the background while big inputs are copied.
+            before_copy=lambda: pools.start_in_background(
+                self.workers, self.start_method, self.threads
+            ),
         )
         buffer = empty(len(data), dtype=np.uint8)
         buffer[:] = np.frombuffer(data, dtype=np.uint8)
@@ -108,7 +133,7 @@ class LocalTransport(Transport):
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.first_block = chunk_bound(self.workers)
-        self.executor = pools.get_pool(self.workers, self.start_method)
+        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
         layout = stack_layout(first)
@@ -179,7 +204,7 @@ class LocalTransport(Transport):
             kill = bool(pending)
         self.futures.clear()
         if kill:
-            pools.discard(self.workers, self.start_method)
+            pools.discard(self.workers, self.start_method, self.threads)
         return results
 
     def recover(self) -> None:
@@ -190,8 +215,8 @@ class LocalTransport(Transport):
             lost += int(self.blocks[block][0].table[row, DONE])
         self.lost_done += lost
         self.futures.clear()
-        pools.discard(self.workers, self.start_method)
-        self.executor = pools.get_pool(self.workers, self.start_method)
+        pools.discard(self.workers, self.start_method, self.threads)
+        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
         self.live_from = len(self.blocks)
         self.next_row = 1 << 62  # the next submit starts a fresh block
 
@@ -267,12 +292,16 @@ class LocalTransport(Transport):
         )
 
 
-def prestart(processes: int | None = None, start_method: str | None = None) -> list[int]:
+def prestart(
+    processes: int | None = None,
+    start_method: str | None = None,
+    threads_per_worker: int | None = None,
+) -> list[int]:
     """Start a pool's workers now so the first call is warm; returns their pids."""
     from .worker import ping
 
-    transport = LocalTransport(processes, start_method)
-    executor = pools.get_pool(transport.workers, transport.start_method)
+    transport = LocalTransport(processes, start_method, threads_per_worker)
+    executor = pools.get_pool(transport.workers, transport.start_method, transport.threads)
     futures = [executor.submit(ping) for _ in range(transport.workers * 2)]
     for fut in futures:
         fut.result()
