@@ -170,4 +170,3 @@ class Transport(ABC):
     @abstractmethod
     def release(self) -> None:
         """Free what the run holds (segments, futures); idempotent."""
-
