@@ -90,5 +90,44 @@ def _benchmark_plot() -> None:
     )
 
 
+def _overwrite_carriage_returns() -> None:
+    """Show a text progress bar as a terminal shows it: its last state.
+
+    ``--progress`` falls back to a text bar where no widget frontend is
+    attached (as here), redrawing one line with ``\r``. myst-nb's stream
+    merging appends a newline to every output chunk before it removes
+    overwritten text, so each redraw would be shown as a line of its own.
+    Consecutive chunks of a stream are joined first and each line keeps what
+    follows its last ``\r``; myst-nb's own merging then runs as before.
+    """
+    from myst_nb.core import render
+
+    original = render.coalesce_streams
+
+    def coalesce_streams(outputs):
+        joined = []
+        for output in outputs or []:
+            last = joined[-1] if joined else None
+            if (
+                output.get("output_type") == "stream"
+                and last is not None
+                and last.get("output_type") == "stream"
+                and last.get("name") == output.get("name")
+            ):
+                last["text"] += output["text"]
+            else:
+                joined.append(output)
+        for output in joined:
+            if output.get("output_type") == "stream" and "\r" in output["text"]:
+                lines = output["text"].split("\n")
+                output["text"] = "\n".join(
+                    next((p for p in reversed(line.split("\r")) if p), "") for line in lines
+                )
+        return original(joined)
+
+    render.coalesce_streams = coalesce_streams
+
+
 _copy_notebooks()
 _benchmark_plot()
+_overwrite_carriage_returns()
