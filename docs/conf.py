@@ -131,3 +131,17 @@ def _overwrite_carriage_returns() -> None:
 _copy_notebooks()
 _benchmark_plot()
 _overwrite_carriage_returns()
+
+
+def _public_bases(app, name, obj, options, bases: list) -> None:
+    """Show a private base class (``_RemoteFailure``) as its public bases."""
+    expanded: list = []
+    for base in bases:
+        for b in base.__bases__ if base.__name__.startswith("_") else (base,):
+            if b not in expanded:
+                expanded.append(b)
+    bases[:] = expanded
+
+
+def setup(app):
+    app.connect("autodoc-process-bases", _public_bases)
