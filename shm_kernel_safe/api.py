@@ -48,6 +48,25 @@ def last_errors() -> FailedItems:
     -------
     FailedItems
         A list of exceptions with ``done`` and ``partial`` attributes.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import shm_kernel_safe as sks
+    >>> def check(hour):
+    ...     if hour == 2:
+    ...         raise ValueError("bad hour")
+    ...     return hour * 10
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", sks.ItemsFailedWarning)
+    ...     y = sks.parallel_map(check, range(4), errors="continue", backend="serial")
+    >>> y
+    masked_array(data=[0, 10, --, 30],
+                 mask=[False, False,  True, False],
+           fill_value=999999)
+    >>> failed = sks.last_errors()
+    >>> [(e.index, e.exc_type) for e in failed]
+    [(2, 'ValueError')]
     """
     return getattr(_last, "errors", None) or FailedItems([])
 
@@ -357,6 +376,22 @@ def prestart(
     -------
     list of int
         The workers' process ids.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``processes`` below 1 or an unknown ``start_method``.
+
+    See Also
+    --------
+    shutdown_pools
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> pids = sks.prestart(processes=2)  # doctest: +SKIP
+    >>> len(pids)  # doctest: +SKIP
+    2
     """
     check_processes(processes)
     check_threads(threads_per_worker)

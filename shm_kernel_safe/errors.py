@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class ShmKernelSafeError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> issubclass(sks.TaskError, sks.ShmKernelSafeError)
+    True
+    """
 
 
 class SharedMemoryCapacityError(ShmKernelSafeError, MemoryError):
@@ -17,6 +24,17 @@ class SharedMemoryCapacityError(ShmKernelSafeError, MemoryError):
     Raised *before* any byte is written: on Linux a segment larger than the
     free space of ``/dev/shm`` is created happily and the process dies of
     SIGBUS on first touch, which in a kernel looks like a crash with no cause.
+    Also a ``MemoryError``. The message says how to make room (Docker's
+    ``--shm-size``, remounting ``/dev/shm``, :func:`cleanup_stale`).
+
+    Attributes
+    ----------
+    needed : int
+        Bytes asked for.
+    free : int
+        Bytes free there.
+    where : str
+        The shared-memory filesystem (``/dev/shm``).
     """
 
     def __init__(self, needed: int, free: int, where: str) -> None:
@@ -33,11 +51,19 @@ class SharedMemoryCapacityError(ShmKernelSafeError, MemoryError):
 
 
 class SegmentNotFoundError(ShmKernelSafeError, FileNotFoundError):
-    """A segment name does not exist (already unlinked, or never created)."""
+    """A segment name does not exist (already unlinked, or never created).
+
+    Also a ``FileNotFoundError``.
+    """
 
 
 class DanglingArrayError(ShmKernelSafeError, ValueError):
-    """An operation was attempted on an array whose memory was unmapped."""
+    """An operation was attempted on an array whose memory was unmapped.
+
+    Raised by the placeholder that the inspection hooks put in place of such
+    an array (see "Safety guarantees"): it refuses every use as data instead
+    of crashing the kernel. Also a ``ValueError``.
+    """
 
 
 class DanglingAttributeError(DanglingArrayError, AttributeError):
@@ -60,6 +86,24 @@ class InvalidArgumentError(ShmKernelSafeError, ValueError):
     (``"out"``, ``"processes"`` ...), ``index`` the position within it for
     sequences (``out[1]``) and ``problem`` says what is wrong, so a front end
     (the magic) can restate it in its own terms (``--out y: ...``).
+
+    Attributes
+    ----------
+    argument : str
+        The parameter at fault.
+    index : int or None
+        The position within it, for sequences.
+    problem : str
+        What is wrong with it.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> try:
+    ...     sks.parallel_map(abs, range(3), processes=0)
+    ... except sks.InvalidArgumentError as exc:
+    ...     print(exc.argument, "|", exc.problem)
+    processes | must be an integer >= 1, got 0
     """
 
     def __init__(
@@ -141,6 +185,37 @@ class TaskError(_RemoteFailure):
     """A task raised: names the item and carries the remote traceback.
 
     ``__cause__`` is the original exception when it could be pickled back.
+    Carries what completed (``done``, ``partial``; see
+    :class:`PartialResults`); in IPython its traceback shows the item and
+    the remote traceback, with your cell's line, not the engine's frames.
+
+    Attributes
+    ----------
+    index : int
+        Position of the failing item.
+    item_repr : str
+        ``repr`` of the item (shortened).
+    exc_type : str
+        Name of the original exception's type.
+    remote_message : str
+        The original exception's message.
+    remote_traceback : str
+        The traceback in the worker.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> def hourly(nn):
+    ...     if nn == 2:
+    ...         raise ValueError(f"bad hour {nn}")
+    ...     return nn
+    >>> try:
+    ...     sks.parallel_map(hourly, range(4), backend="serial")
+    ... except sks.TaskError as exc:
+    ...     print(exc.index, exc.exc_type, exc.remote_message)
+    ...     print(exc.done, exc.partial)
+    2 ValueError bad hour 2
+    [ True  True False False] [0 1 -- --]
     """
 
     def __init__(self, index: int, item_repr: str, exc_type: str, message: str, remote_tb: str):
@@ -156,7 +231,17 @@ class TaskError(_RemoteFailure):
 
 
 class WorkerDiedError(_RemoteFailure):
-    """A worker process died (segfault, os._exit, OOM kill) during a call."""
+    """A worker process died (segfault, os._exit, OOM kill) during a call.
+
+    The pool is replaced; carries what completed (``done``, ``partial``).
+
+    Attributes
+    ----------
+    index : int or None
+        The item the worker was running, when known.
+    exitcodes : str
+        The exit codes or signals of the dead workers.
+    """
 
     def __init__(self, message: str, index: int | None = None, exitcodes: str = ""):
         self.index = index
@@ -165,7 +250,10 @@ class WorkerDiedError(_RemoteFailure):
 
 
 class ParallelTimeoutError(_RemoteFailure, TimeoutError):
-    """A call ran past its ``timeout=``; its workers were stopped."""
+    """A call ran past its ``timeout=``; its workers were stopped.
+
+    Also a ``TimeoutError``; carries what completed (``done``, ``partial``).
+    """
 
 
 class ParallelInterrupt(PartialResults, KeyboardInterrupt):

@@ -31,7 +31,39 @@ class SharedArray:
 
     In the process that made it, :meth:`view` returns that process's array.
     Anywhere else it attaches (once per process, cached) and returns a view
-    that is read-only unless the handle says ``writable``.
+    that is read-only unless the handle says ``writable``. Made by
+    :func:`share` and :func:`handle_of`; pickling it sends only the name,
+    shape, dtype, offset and strides (about 200 bytes), never the data.
+
+    Parameters
+    ----------
+    name : str
+        The segment's name (in ``/dev/shm`` on Linux).
+    segment_nbytes : int
+        The size of the whole segment, in bytes.
+    shape : tuple of int
+        The array's shape.
+    dtype : numpy.dtype or str
+        The array's dtype.
+    offset : int
+        Where the array starts in the segment, in bytes.
+    strides : tuple of int
+        The array's strides, in bytes.
+    writable : bool
+        Whether views attached in other processes may be written.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> import numpy as np
+    >>> import shm_kernel_safe as sks
+    >>> handle = sks.share(np.arange(6.0))
+    >>> handle.shape, handle.dtype, handle.nbytes
+    ((6,), dtype('float64'), 48)
+    >>> len(pickle.dumps(handle)) < 300  # the name, not the data
+    True
+    >>> handle.view()
+    array([0., 1., 2., 3., 4., 5.])
     """
 
     __slots__ = (
@@ -67,9 +99,17 @@ class SharedArray:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the array (not of the whole segment)."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def view(self) -> np.ndarray:
+        """The array: this process's own in its creator, else an attached view.
+
+        Returns
+        -------
+        numpy.ndarray
+            Read-only in another process unless the handle is ``writable``.
+        """
         if self._local is not None:
             return self._local
         root = attached_root(self.name, self.segment_nbytes)
@@ -87,6 +127,7 @@ class SharedArray:
         return arr.copy() if copy else arr
 
     def as_readonly(self) -> SharedArray:
+        """The same array, as a handle whose views elsewhere are read-only."""
         return SharedArray(
             self.name,
             self.segment_nbytes,
@@ -119,7 +160,43 @@ class SharedArray:
 
 # -- creation -----------------------------------------------------------------
 def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> np.ndarray:
-    """An uninitialised array in shared memory; workers get it with no copy."""
+    """An uninitialised array in shared memory; workers get it with no copy.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        Shape of the new array.
+    dtype : data-type, default float
+        Any numpy dtype without Python objects.
+    order : {"C", "F"}, default "C"
+        Memory layout.
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable array over a new segment. The segment is unlinked when
+        the last view of it dies, and at exit.
+
+    Raises
+    ------
+    TypeError
+        For an object dtype (its elements are pointers into this process).
+    SharedMemoryCapacityError
+        ``/dev/shm`` has no room for it (checked before any byte is written).
+
+    See Also
+    --------
+    zeros, share
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> y = sks.empty((4, 3), dtype="float32")
+    >>> y.shape, y.dtype
+    ((4, 3), dtype('float32'))
+    >>> sks.handle_of(y) is not None  # workers get it by name, with no copy
+    True
+    """
     shape_t = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)  # type: ignore[arg-type]
     dtype = np.dtype(dtype)
     if dtype.hasobject:
@@ -132,12 +209,83 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
 
 
 def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> np.ndarray:
-    """A zero-filled shared array. Fresh shared memory is zeroed by the OS."""
+    """A zero-filled array in shared memory. Fresh shared memory is zeroed by the OS.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        Shape of the new array.
+    dtype : data-type, default float
+        Any numpy dtype without Python objects.
+    order : {"C", "F"}, default "C"
+        Memory layout.
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable array over a new segment, all zeros: an ``out=`` array
+        that workers write into in place.
+
+    Raises
+    ------
+    TypeError
+        For an object dtype.
+    SharedMemoryCapacityError
+        ``/dev/shm`` has no room for it.
+
+    See Also
+    --------
+    empty, share
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> out = sks.zeros(4)
+    >>> def fill(i):
+    ...     out[i] = i * i
+    >>> _ = sks.parallel_map(fill, range(4), out=[out], backend="serial")
+    >>> out
+    array([0., 1., 4., 9.])
+    """
     return empty(shape, dtype, order)
 
 
 def share(a: Any) -> SharedArray:
-    """Copy ``a`` into a new segment (one memcpy) and return its handle."""
+    """Copy ``a`` into a new segment (one memcpy) and return its handle.
+
+    Share a big input once for many calls: the array from
+    ``share(x).view()`` reaches workers with zero copies, where a plain
+    ``x`` is copied into shared memory on every call.
+
+    Parameters
+    ----------
+    a : array_like or SharedArray
+        The data; a ``SharedArray`` is returned as is. Fortran-ordered
+        arrays keep their order.
+
+    Returns
+    -------
+    SharedArray
+        The handle; ``.view()`` gives the array (writable in this process).
+
+    Raises
+    ------
+    TypeError
+        For an object dtype (its elements are Python objects private to
+        this process).
+    SharedMemoryCapacityError
+        ``/dev/shm`` has no room for it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import shm_kernel_safe as sks
+    >>> x = sks.share(np.arange(12.0).reshape(4, 3)).view()
+    >>> sks.handle_of(x) is not None
+    True
+    >>> sks.parallel_map(lambda i: float(x[i].sum()), range(4), backend="serial")
+    array([ 3., 12., 21., 30.])
+    """
     if isinstance(a, SharedArray):
         return a
     arr = np.asarray(a)
@@ -157,8 +305,27 @@ def share(a: Any) -> SharedArray:
 def handle_of(arr: np.ndarray) -> SharedArray | None:
     """A handle for an array that lives in a segment this process created.
 
-    Returns None for ordinary arrays and for segments whose name was already
-    unlinked (no other process could attach to them any more).
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Any array; views and slices of a shared array have handles too.
+
+    Returns
+    -------
+    SharedArray or None
+        The handle, or None for ordinary arrays and for segments whose name
+        was already unlinked (no other process could attach to them any
+        more).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import shm_kernel_safe as sks
+    >>> y = sks.zeros((10, 2))
+    >>> sks.handle_of(y[2:5]).shape
+    (3, 2)
+    >>> sks.handle_of(np.zeros(3)) is None
+    True
     """
     if not isinstance(arr, np.ndarray):
         return None
@@ -233,6 +400,31 @@ def is_dangling(obj: Any) -> bool:
     Follows the ``.base`` chain to its end and asks whether that is a closed
     ``mmap.mmap`` or a released ``memoryview``. Never reads array memory, so
     it is safe to call on exactly the arrays that would crash on a read.
+
+    Parameters
+    ----------
+    obj : object
+        Anything; only ndarrays can be dangling.
+
+    Returns
+    -------
+    bool
+        True when reading ``obj`` would touch unmapped memory.
+
+    Examples
+    --------
+    >>> import mmap
+    >>> import numpy as np
+    >>> import shm_kernel_safe as sks
+    >>> mm = mmap.mmap(-1, 80)
+    >>> arr = np.ndarray((10,), np.float64, buffer=mm)
+    >>> sks.is_dangling(arr)
+    False
+    >>> mm.close()  # unmapped behind numpy's back: arr must not be read now
+    >>> sks.is_dangling(arr)
+    True
+    >>> sks.is_dangling([1, 2])
+    False
     """
     if not isinstance(obj, np.ndarray):
         return False

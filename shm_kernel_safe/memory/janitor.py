@@ -21,13 +21,52 @@ from . import naming
 
 @dataclass(frozen=True)
 class StaleSegment:
+    """A segment of this user whose owner process is gone.
+
+    Attributes
+    ----------
+    name : str
+        Its name in the shared-memory directory (``/dev/shm`` on Linux).
+    nbytes : int
+        Its size.
+    owner_pid : int
+        The process that made it, no longer alive.
+    """
+
     name: str
     nbytes: int
     owner_pid: int
 
 
 def find_stale(directory: str | None = None) -> list[StaleSegment]:
-    """Segments of this user whose owner process is gone."""
+    """Segments of this user whose owner process is gone.
+
+    A kernel killed by the OOM killer or a segfault runs no clean-up, and its
+    segments stay until reboot. A segment is stale only when its name is
+    this package's, with this user's tag, the file is this user's, and the
+    pid in its name is not alive.
+
+    Parameters
+    ----------
+    directory : str, optional
+        Where to look (default: the platform's, ``/dev/shm`` on Linux).
+
+    Returns
+    -------
+    list of StaleSegment
+        Sorted by name; empty where the platform has no such directory.
+
+    See Also
+    --------
+    cleanup_stale
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import shm_kernel_safe as sks
+    >>> sks.find_stale(tempfile.mkdtemp())  # an empty directory
+    []
+    """
     directory = shm_directory() if directory is None else directory
     if directory is None or not os.path.isdir(directory):
         return []
@@ -51,7 +90,29 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
 
 
 def cleanup_stale(directory: str | None = None) -> list[StaleSegment]:
-    """Unlink stale segments of this user; return what was removed."""
+    """Unlink stale segments of this user; return what was removed.
+
+    ``%shm_cleanup`` and ``python -m shm_kernel_safe cleanup`` call it. It
+    removes only what :func:`find_stale` lists: never a live process's
+    segment, never another user's.
+
+    Parameters
+    ----------
+    directory : str, optional
+        Where to look (default: the platform's, ``/dev/shm`` on Linux).
+
+    Returns
+    -------
+    list of StaleSegment
+        The segments removed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import shm_kernel_safe as sks
+    >>> sks.cleanup_stale(tempfile.mkdtemp())
+    []
+    """
     directory = shm_directory() if directory is None else directory
     removed = []
     for seg in find_stale(directory):

@@ -274,7 +274,23 @@ def describe(name: str, description: str) -> None:
 
 
 def live_segments() -> list[SegmentRecord]:
-    """Segments this process created whose name or memory still exists."""
+    """Segments this process created whose name or memory still exists.
+
+    What ``%shm_status`` lists as "Segments of this kernel".
+
+    Returns
+    -------
+    list of SegmentRecord
+        One record per segment (``name``, ``nbytes``, ``description``,
+        ``unlinked``...).
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> y = sks.zeros(1000)
+    >>> any(r.nbytes >= y.nbytes for r in sks.live_segments())
+    True
+    """
     with _registry_lock:
         return [r for r in _registry.values() if r.owner_pid == os.getpid()]
 

@@ -51,7 +51,29 @@ def safe_close(self: shared_memory.SharedMemory) -> None:
 def protect() -> None:
     """Install the safe close on ``multiprocessing.shared_memory.SharedMemory``.
 
-    Idempotent; undone exactly by :func:`unprotect`.
+    Patches the class, so objects made before the call are covered too:
+    ``shm.close()`` no longer unmaps memory that numpy views still use (the
+    original crash); the memory lives exactly as long as its views.
+    ``%load_ext shm_kernel_safe`` calls it. Idempotent; undone exactly by
+    :func:`unprotect`.
+
+    See Also
+    --------
+    unprotect, is_protected
+
+    Examples
+    --------
+    >>> from multiprocessing import shared_memory
+    >>> import numpy as np
+    >>> import shm_kernel_safe as sks
+    >>> sks.protect()
+    >>> shm = shared_memory.SharedMemory(create=True, size=80)
+    >>> view = np.ndarray((10,), np.float64, buffer=shm.buf)
+    >>> view[:] = 1.5
+    >>> shm.close(); shm.unlink()
+    >>> float(view.sum())  # without protect(): a segfault
+    15.0
+    >>> del view
     """
     global _original_close
     with _lock:
@@ -62,6 +84,18 @@ def protect() -> None:
 
 
 def unprotect() -> None:
+    """Put the standard library's own ``SharedMemory.close`` back.
+
+    Undoes :func:`protect` (``%unload_ext shm_kernel_safe`` calls it); a
+    no-op when it is not installed.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> sks.protect(); sks.unprotect()
+    >>> sks.is_protected()
+    False
+    """
     global _original_close
     with _lock:
         if _original_close is None:
@@ -71,4 +105,18 @@ def unprotect() -> None:
 
 
 def is_protected() -> bool:
+    """Whether the safe close of :func:`protect` is installed.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> sks.protect()
+    >>> sks.is_protected()
+    True
+    >>> sks.unprotect()
+    """
     return shared_memory.SharedMemory.__dict__.get("close") is safe_close

@@ -181,7 +181,25 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
 
 
 def shutdown_all(join_timeout: float = 5.0) -> None:
-    """Stop every warm pool (tests, ``%unload_ext``, interpreter exit)."""
+    """Stop every warm pool of the local backend (``sks.shutdown_pools()``).
+
+    ``%unload_ext`` and interpreter exit call it; the next call starts a
+    pool again. Idempotent.
+
+    Parameters
+    ----------
+    join_timeout : float, default 5.0
+        Seconds to wait for each pool's workers before killing them.
+
+    See Also
+    --------
+    prestart
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> sks.shutdown_pools()
+    """
     with _lock:
         pools = list(_pools.values())
         _pools.clear()
