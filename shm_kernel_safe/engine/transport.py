@@ -89,6 +89,8 @@ class Transport(ABC):
     min_chunk_seconds: ClassVar[float] = 0.004
     #: Text for timeouts: what happened to the workers.
     stopped_text: ClassVar[str] = "its workers were stopped"
+    #: Whether :meth:`stop_overdue` can stop one item (``item_timeout=``).
+    stops_single_items: ClassVar[bool] = False
 
     #: Workers that run chunks at the same time (known after :meth:`start`).
     workers: int = 1
@@ -106,9 +108,9 @@ class Transport(ABC):
 
         ``keep_going``: chunks go on past an item that raises (recording it
         in ``ChunkResult.failed``). ``item_timeout``: the run will ask
-        :meth:`stop_overdue`; a transport that cannot stop one item raises
-        ``InvalidArgumentError`` here. Any other exception means the payload
-        cannot travel; the engine reports it as such.
+        :meth:`stop_overdue` (only of a transport that ``stops_single_items``).
+        Any exception means the payload cannot travel; the engine reports
+        it as such.
         """
 
     @abstractmethod

@@ -4,7 +4,6 @@ namespace, call the library, write owned copies back."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from ..errors import (
 )
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share
+from ..memory.digest import hexdigest
 from ..memory.share_cache import cache as share_cache
 from ..transports.dask import cluster as dask_cluster
 from ..transports.local import pool
@@ -438,12 +438,10 @@ class ShmMagics(Magics):
 
 def _fingerprint(items: Any) -> str:
     """What the items of a run were, to check that ``--resume`` resumes the same."""
-    if isinstance(items, np.ndarray):
-        data = np.ascontiguousarray(items)
-        digest = hashlib.sha1(memoryview(data).cast("B")).hexdigest()
-        return f"ndarray {items.shape} {items.dtype} {digest}"
+    if isinstance(items, np.ndarray) and not items.dtype.hasobject:
+        return f"ndarray {items.shape} {items.dtype} {hexdigest(items)}"
     try:
         text = repr(list(items)) if not isinstance(items, range) else repr(items)
     except Exception:
         text = f"{type(items).__name__} {id(items)}"
-    return hashlib.sha1(text.encode()).hexdigest()
+    return hexdigest(np.frombuffer(text.encode(), dtype=np.uint8))

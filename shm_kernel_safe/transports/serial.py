@@ -26,7 +26,6 @@ from ..engine.chunk_loop import run_items
 from ..engine.planning import Chunk
 from ..engine.protocol import ChunkResult, Payload
 from ..engine.transport import Heartbeat, Inputs, Transport
-from ..errors import InvalidArgumentError
 
 
 class SerialTransport(Transport):
@@ -54,12 +53,6 @@ class SerialTransport(Transport):
         keep_going: bool = False,
         item_timeout: float | None = None,
     ) -> None:
-        if item_timeout is not None:
-            raise InvalidArgumentError(
-                "item_timeout",
-                "is not supported by backend='serial' (an item in this process cannot be "
-                "stopped from outside; use timeout= to stop the run between items)",
-            )
         self.fn, self.items = payload.fn, payload.items
         self.keep_going = keep_going
 

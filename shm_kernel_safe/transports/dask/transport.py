@@ -29,7 +29,7 @@ from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.sharing import ArrayPickler
 from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
-from ...errors import DaskBackendError, InvalidArgumentError
+from ...errors import DaskBackendError
 from . import cluster
 from .kept import content_name, kept_arrays
 
@@ -122,11 +122,6 @@ class DaskTransport(Transport):
         keep_going: bool = False,
         item_timeout: float | None = None,
     ) -> None:
-        if item_timeout is not None:
-            raise InvalidArgumentError(
-                "item_timeout",
-                "is not supported by backend='dask' yet (use timeout= for the whole run)",
-            )
         self.keep_going = keep_going
         self.items = payload.items
         buf = io.BytesIO()
