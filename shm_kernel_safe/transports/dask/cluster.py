@@ -189,6 +189,12 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: i
     made (no task waits on them between chunks), workers would fetch big
     arrays again, and a single death could lose scattered data.
 
+    With no allowed failures: a chunk whose worker dies is not run again by
+    dask on the next worker (an item that kills its worker would kill each
+    in turn, and every copy of the scattered data with them); the engine
+    hears of the death at once and applies ``errors=``/``retries=``, as on
+    the local backend.
+
     Over TLS with temporary credentials (see :mod:`.security`): no
     other process on this machine can connect to it.
     """
@@ -201,6 +207,7 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: i
     with dask.config.set(
         {
             "distributed.scheduler.active-memory-manager.start": False,
+            "distributed.scheduler.allowed-failures": 0,
             "distributed.nanny.pre-spawn-environ": environ,
         }
     ):

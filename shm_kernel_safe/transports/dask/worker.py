@@ -11,12 +11,22 @@ changed, compared byte for byte with the original: the parent applies them
 to the caller's array. Progress is a throttled structured event (at most
 five per second per chunk); cancelling is a flag the parent sets on every
 worker with ``Client.run``, read between items at the cost of a set lookup.
+
+Each running chunk also notes the item it is at in a small file on the
+worker's host (:class:`Record`): unlike the worker's memory and its
+events, the file outlives a worker that dies inside an item, so the parent
+learns exactly which item killed it (reading the file itself on our own
+cluster, through the host's nannies on another machine).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import pickle
+import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +51,86 @@ _running: collections.Counter[str] = collections.Counter()  # call id -> chunks 
 _loading = threading.local()  # arrays and out copies while a payload is unpickled
 
 
+#: Item and start time (``time.time()``) in a record file; the item is
+#: ``LOADING`` while the chunk unpickles its payload.
+_RECORD = struct.Struct("<qd")
+LOADING = -1
+
+
+def records_dir() -> str:
+    """Where workers on this host keep their records (the same for the
+    worker, its nanny and, on our own cluster, the parent)."""
+    return os.path.join(tempfile.gettempdir(), f"shm_kernel_safe-dask-{os.getuid()}")
+
+
+class Record:
+    """The item one running chunk is at: a 16-byte file named after the
+    call, the chunk and the worker's pid, rewritten before each item and
+    removed when the chunk returns. A file is what survives a worker that
+    dies inside an item (``os._exit``, a segfault, the OOM killer), and it
+    costs one ``pwrite`` per item."""
+
+    def __init__(self, call_id: str, chunk: int) -> None:
+        directory = records_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.path = os.path.join(directory, f"{call_id}-{chunk}-{os.getpid()}")
+        self.fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        self.at(LOADING)
+
+    def at(self, index: int) -> None:
+        os.pwrite(self.fd, _RECORD.pack(index, time.time()), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _open_record(spec: DaskChunk) -> Record | None:
+    try:
+        return Record(spec.call_id, spec.chunk)
+    except OSError:  # no writable temporary directory: deaths are then found by retrying
+        return None
+
+
+def read_records(call_id: str) -> list[tuple[int, int, float, int, bool]]:
+    """Records of ``call_id`` on this host: ``(chunk, item, started, pid,
+    alive)`` each. Runs in the parent on our own cluster, in a nanny
+    (``Client.run(..., nanny=True)``) on another machine."""
+    import psutil
+
+    found = []
+    directory = records_dir()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(call_id + "-")]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                item, started = _RECORD.unpack(f.read(_RECORD.size))
+        except (OSError, struct.error):
+            continue  # removed meanwhile, or not written yet
+        _, chunk, pid = name.rsplit("-", 2)
+        try:
+            alive = psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        found.append((int(chunk), item, started, int(pid), alive))
+    return found
+
+
+def remove_records(call_id: str) -> None:
+    """Remove what is left of ``call_id``'s records on this host (those of
+    workers that died; a chunk that returns removes its own)."""
+    directory = records_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.startswith(call_id + "-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
 @dataclass(frozen=True)
 class DaskChunk:
     call_id: str
@@ -62,9 +152,12 @@ def run_dask_chunk(
         return result
     with _lock:
         _running[spec.call_id] += 1
+    record = _open_record(spec)
     try:
-        return _run(spec, payload, arrays, outs, result)
+        return _run(spec, payload, arrays, outs, result, record)
     finally:
+        if record is not None:
+            record.close()
         with _lock:
             _running[spec.call_id] -= 1
             if not _running[spec.call_id]:
@@ -77,6 +170,7 @@ def _run(
     arrays: dict[str, Aligned],
     outs: dict[str, Aligned],
     result: ChunkResult,
+    record: Record | None = None,
 ) -> ChunkResult:
     try:
         loaded, private = _load(spec.call_id, payload, arrays, outs)
@@ -84,18 +178,21 @@ def _run(
         result.error = describe_error(exc, spec.start, None, loading=True)
         return result
     reporter = _progress_reporter(spec)
-    tick = None
     if reporter is not None:
         reporter(0)  # started: the parent learns which chunks are in flight
-        done = 0
-        next_report = time.perf_counter() + REPORT_EVERY
+    if record is not None:
+        record.at(spec.start)
+    done = 0
+    next_report = time.perf_counter() + REPORT_EVERY
 
-        def tick() -> None:
-            nonlocal done, next_report
-            done += 1
-            if time.perf_counter() >= next_report:
-                reporter(done)
-                next_report = time.perf_counter() + REPORT_EVERY
+    def tick() -> None:
+        nonlocal done, next_report
+        done += 1
+        if record is not None:
+            record.at(spec.start + done)  # the next item, from now
+        if reporter is not None and time.perf_counter() >= next_report:
+            reporter(done)
+            next_report = time.perf_counter() + REPORT_EVERY
 
     ended, call_id = _ended, spec.call_id
     run_items(
