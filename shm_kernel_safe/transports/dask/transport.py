@@ -106,7 +106,7 @@ class DaskTransport(Transport):
         processes: int | None = None,
         threads_per_worker: int | None = None,
     ) -> None:
-        cluster.import_distributed()  # before any work: a one-line error
+        cluster.check_distributed()  # before any work: a one-line error
         self.requested_client = client
         # item_timeout= kills the worker running an overdue item: only on our
         # own cluster, whose workers are processes of this machine (a cluster
@@ -156,6 +156,7 @@ class DaskTransport(Transport):
         self.outs = pickler.outs
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
+        cluster.import_distributed()
         from .worker import PROGRESS_TOPIC
 
         self.client = cluster.get_client(
