@@ -198,6 +198,7 @@ def records_of(pids) -> list[str]:
     """Record files (``worker.Record``) of the given worker pids."""
     directory = dask_worker.records_dir()
     names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = [n for n in names if not n.endswith(dask_worker.VALUES)]
     return [n for n in names if int(n.rsplit("-", 1)[1]) in set(pids)]
 
 
@@ -324,6 +325,58 @@ def test_retries_run_again_an_item_that_killed_its_worker_once(client, tmp_path)
     out = sks.parallel_map(once, range(1000), backend="dask", retries=1)
     assert os.path.exists(flag)
     assert isinstance(out, np.ndarray) and out.tolist() == list(range(1000))
+
+
+def ran_log(path):
+    """An item function that appends its item to ``path`` (a side channel
+    that survives workers) and kills its worker at item 500 the first time."""
+    flag = path + ".died"
+
+    def cell(i):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(fd, f"{i}\n".encode())
+        os.close(fd)
+        if i == 500 and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(3)
+        time.sleep(0.002)
+        return i * 3
+
+    return cell
+
+
+def ran_counts(path, n):
+    with open(path) as f:
+        return np.bincount([int(line) for line in f], minlength=n)
+
+
+@pytest.mark.parametrize("mode", ["retries", "continue", "raise"])
+def test_items_completed_before_a_death_do_not_run_again(client, tmp_path, mode):
+    """The dying worker's own chunk kept what it completed before the fatal
+    item (its results were appended on the worker's host): with retries=1
+    only the fatal item runs twice; with errors="continue" every item runs
+    once; errors="raise" reports as done only items that ran, with right
+    results."""
+    path = str(tmp_path / "ran")
+    options = {"retries": {"retries": 1}, "continue": {"errors": "continue"}, "raise": {}}[mode]
+    try:
+        out = sks.parallel_map(ran_log(path), range(1000), backend="dask", **options)
+    except sks.WorkerDiedError as exc:
+        assert mode == "raise" and exc.index == 500
+        ran = ran_counts(path, 1000)
+        assert not exc.done[500] and exc.done.sum() > 0
+        assert (ran[exc.done] == 1).all()
+        assert all(exc.partial[i] == 3 * i for i in np.flatnonzero(exc.done))
+        return
+    assert mode != "raise"
+    ran = ran_counts(path, 1000)
+    expected_runs = np.ones(1000, dtype=int)
+    if mode == "retries":
+        expected_runs[500] = 2
+        assert out.tolist() == [3 * i for i in range(1000)]
+    else:
+        assert np.flatnonzero(out.mask).tolist() == [500]
+    assert ran.tolist() == expected_runs.tolist()
 
 
 def test_item_timeout_stops_one_item_on_our_cluster(client):

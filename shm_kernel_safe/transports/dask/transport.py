@@ -39,6 +39,9 @@ from ...errors import DaskBackendError
 from . import cluster
 from .kept import content_name, kept_arrays
 
+#: Times a broadcast is tried when a worker dies while it receives.
+SCATTER_TRIES = 4
+
 _active: dict[str, DaskTransport] = {}  # call id -> run, for progress events
 _subscribed: set[str] = set()  # client ids subscribed to progress events
 
@@ -183,7 +186,7 @@ class DaskTransport(Transport):
         client = self.client
         gen = f"{self.call_id}-g{self.generation}"
         self.generation += 1
-        self.payload_future = client.scatter(self.payload, broadcast=True, hash=False)
+        self.payload_future = self._broadcast(self.payload)
         self.scattered.append(self.payload_future)
         arrays: dict[str, Any] = {}
         missing: dict[str, str] = {}  # fresh dask key -> content name
@@ -195,14 +198,14 @@ class DaskTransport(Transport):
                 missing[f"sks-{gen}-in{len(missing)}"] = name
         if missing:
             wrapped = {key: Aligned(self.arrays[n]) for key, n in missing.items()}
-            futures = client.scatter(wrapped, broadcast=True, hash=False)
+            futures = self._broadcast(wrapped)
             for key, name in missing.items():
                 arrays[name] = futures[key]
                 kept_arrays.add(client, name, self.arrays[name], futures[key])
         self.array_futures = arrays
         self.inputs = list(arrays.values())  # kept by `kept`, never released here
         outs = {f"{k}-g{gen}": Aligned(a) for k, a in self.outs.items()}
-        sent = client.scatter(outs, broadcast=True, hash=False) if outs else {}
+        sent = self._broadcast(outs) if outs else {}
         self.out_futures = {k: sent[f"{k}-g{gen}"] for k in self.outs}
         self.scattered.extend(self.out_futures.values())
         self.sent_bytes = (
@@ -210,6 +213,19 @@ class DaskTransport(Transport):
             + sum(self.arrays[n].nbytes for n in missing.values())
             + sum(a.nbytes for a in self.outs.values())
         )
+
+    def _broadcast(self, data: Any) -> Any:
+        """``client.scatter(data, broadcast=True)``, tried again when a worker
+        died while it received (the scheduler still listed it: a worker
+        killed by the last run, or by this one, as its nanny replaces it)."""
+        for attempt in range(SCATTER_TRIES):
+            try:
+                return self.client.scatter(data, broadcast=True, hash=False)
+            except OSError:  # distributed's CommClosedError among them
+                if attempt == SCATTER_TRIES - 1:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
 
     def _data_on_cluster(self) -> bool:
         """Whether some worker still holds every piece of the run's data."""
@@ -253,13 +269,17 @@ class DaskTransport(Transport):
         for fut in [f for f in self.futures if f.done()]:
             chunk = self.futures.pop(fut)
             if self._died(fut):
+                fut.release()
                 lost.append(chunk)
                 continue
             res = self._collect(fut, chunk)
+            # Released at once: a result the cluster still held for us would
+            # be computed again (its items run twice) if its worker died.
+            fut.release()
             self.finished[res.chunk] = res  # its writes land, also when an item failed
             finished.append(res)
         if lost:
-            self._place_deaths(lost)
+            finished.extend(self._place_deaths(lost))
         if self.losses and not finished:
             raise self.losses.pop(0)
         return finished  # the results first; the next call reports the deaths
@@ -283,9 +303,10 @@ class DaskTransport(Transport):
             f"dask could not run items {chunk.start}-{chunk.stop - 1}: {type(exc).__name__}: {exc}"
         ) from exc
 
-    def _place_deaths(self, lost: list[Chunk]) -> None:
+    def _place_deaths(self, lost: list[Chunk]) -> list[ChunkResult]:
         """Find, from the records on the workers' hosts, the item each lost
-        chunk was running when its worker died.
+        chunk was running when its worker died; returns what the lost
+        chunks completed before (their kept results).
 
         A chunk with a record of a dead worker inside its range names its
         culprit; one that never started an item on a worker that died (dask
@@ -296,18 +317,30 @@ class DaskTransport(Transport):
 
         records = self._records()
         data_checked = False
+        kept = []
         for chunk in lost:
             self.lost.add(chunk.number)
             self.partial.pop(chunk.number, None)
             dead = sorted(
-                (started, item)
-                for number, item, started, _, alive in records
+                (started, item, pid)
+                for number, item, started, pid, alive in records
                 if number == chunk.number and not alive
             )
-            item = dead[-1][1] if dead else None  # the latest death, if dask retried it
+            # the latest death, if dask ran the chunk on several workers
+            item, pid = (dead[-1][1], dead[-1][2]) if dead else (None, 0)
             if item is not None and chunk.start <= item < chunk.stop:
+                res = self._kept_results(chunk, pid, item)
+                if res is not None:
+                    kept.append(res)
                 self.losses.append(self._worker_died(chunk, item))
                 continue
+            if item is not None and item >= chunk.stop:
+                # every item ran; the worker died before the results left it
+                res = self._kept_results(chunk, pid, chunk.stop)
+                if res is not None and res.done == chunk.size:
+                    self.lost.discard(chunk.number)
+                    kept.append(res)
+                    continue
             tries = self.resubmits.get(chunk.number, 0)
             if item == LOADING or tries >= self.RESUBMITS:
                 self.losses.append(self._worker_died(chunk, None))
@@ -318,6 +351,29 @@ class DaskTransport(Transport):
             self.resubmits[chunk.number] = tries + 1
             self.lost.discard(chunk.number)
             self.submit(chunk)
+        return kept
+
+    def _kept_results(self, chunk: Chunk, pid: int, stop: int) -> ChunkResult | None:
+        """What a dead worker's chunk completed before item ``stop``, from the
+        results it appended to its ``.values`` file (see ``worker.Record``)."""
+        from .worker import parse_kept, read_kept
+
+        if self.outs:
+            return None  # the chunk's writes died with it: its items run again
+        if cluster.is_local(self.client):
+            data = read_kept(self.call_id, chunk.number, pid)
+        else:
+            try:
+                found = self.client.run(read_kept, self.call_id, chunk.number, pid, nanny=True)
+            except Exception:
+                return None
+            data = max(found.values(), key=len, default=b"")
+        values = parse_kept(data, chunk.start, stop)
+        if not values:
+            return None
+        res = ChunkResult(chunk.number, done=len(values), values=values)
+        self.finished[chunk.number] = res
+        return res
 
     def _records(self) -> list[tuple[int, int, float, int, bool]]:
         """The records of this call's chunks on every worker's host."""
@@ -388,6 +444,7 @@ class DaskTransport(Transport):
             if fut.status == "finished":
                 with contextlib.suppress(Exception):
                     res = fut.result()
+                    fut.release()
                     self.finished[res.chunk] = res
                     results.append(res)
         pending = [f for f in self.futures if not f.done()]

@@ -63,32 +63,69 @@ def records_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"shm_kernel_safe-dask-{os.getuid()}")
 
 
+#: Header of one kept result in a ``.values`` file: item, pickle length.
+_VALUE = struct.Struct("<qQ")
+VALUES = ".values"
+
+
 class Record:
     """The item one running chunk is at: a 16-byte file named after the
     call, the chunk and the worker's pid, rewritten before each item and
     removed when the chunk returns. A file is what survives a worker that
     dies inside an item (``os._exit``, a segfault, the OOM killer), and it
-    costs one ``pwrite`` per item."""
+    costs one ``pwrite`` per item.
 
-    def __init__(self, call_id: str, chunk: int) -> None:
+    With ``keep_values`` the results of the items that completed are
+    appended, pickled, to a second file: a chunk returns its results when
+    it ends, so without it those of a dying worker's chunk would die with
+    it and run again. Not for runs with output arrays (their writes come
+    back only at the chunk's end); results that do not pickle, a failed
+    item (``errors="continue"``) or a full disk end the keeping there.
+    """
+
+    def __init__(self, call_id: str, chunk: int, start: int, keep_values: bool) -> None:
         directory = records_dir()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.path = os.path.join(directory, f"{call_id}-{chunk}-{os.getpid()}")
         self.fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        self.values_fd = -1
+        self.next = start  # the next item whose result is kept
+        if keep_values:
+            flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_APPEND
+            self.values_fd = os.open(self.path + VALUES, flags, 0o600)
         self.at(LOADING)
 
     def at(self, index: int) -> None:
         os.pwrite(self.fd, _RECORD.pack(index, time.time()), 0)
 
+    def keep(self, index: int, value: Any) -> None:
+        """Append item ``index``'s result; never raises (it runs inside the
+        item loop, where an exception would be the item's)."""
+        if self.values_fd < 0:
+            return
+        try:
+            if index != self.next:
+                raise ValueError("an item between failed")
+            data = pickle.dumps(value, protocol=5)
+            os.write(self.values_fd, _VALUE.pack(index, len(data)) + data)
+            self.next += 1
+        except Exception:
+            os.close(self.values_fd)
+            self.values_fd = -1
+
     def close(self) -> None:
         os.close(self.fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        if self.values_fd >= 0:
+            os.close(self.values_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path + VALUES)
 
 
-def _open_record(spec: DaskChunk) -> Record | None:
+def _open_record(spec: DaskChunk, keep_values: bool) -> Record | None:
     try:
-        return Record(spec.call_id, spec.chunk)
+        return Record(spec.call_id, spec.chunk, spec.start, keep_values)
     except OSError:  # no writable temporary directory: deaths are then found by retrying
         return None
 
@@ -102,7 +139,11 @@ def read_records(call_id: str) -> list[tuple[int, int, float, int, bool]]:
     found = []
     directory = records_dir()
     try:
-        names = [n for n in os.listdir(directory) if n.startswith(call_id + "-")]
+        names = [
+            n
+            for n in os.listdir(directory)
+            if n.startswith(call_id + "-") and not n.endswith(VALUES)
+        ]
     except OSError:
         return []
     for name in names:
@@ -118,6 +159,34 @@ def read_records(call_id: str) -> list[tuple[int, int, float, int, bool]]:
             alive = False
         found.append((int(chunk), item, started, int(pid), alive))
     return found
+
+
+def read_kept(call_id: str, chunk: int, pid: int) -> bytes:
+    """The ``.values`` file a chunk's worker left (empty when there is none)."""
+    path = os.path.join(records_dir(), f"{call_id}-{chunk}-{pid}{VALUES}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def parse_kept(data: bytes, start: int, stop: int) -> list:
+    """Results of items ``start``, ``start + 1``... read from a ``.values``
+    file, up to ``stop`` (exclusive) or the first record cut short."""
+    values: list = []
+    offset = 0
+    while start + len(values) < stop and offset + _VALUE.size <= len(data):
+        index, size = _VALUE.unpack_from(data, offset)
+        body = data[offset + _VALUE.size : offset + _VALUE.size + size]
+        if index != start + len(values) or len(body) < size:
+            break
+        try:
+            values.append(pickle.loads(body))
+        except Exception:
+            break
+        offset += _VALUE.size + size
+    return values
 
 
 def remove_records(call_id: str) -> None:
@@ -152,7 +221,7 @@ def run_dask_chunk(
         return result
     with _lock:
         _running[spec.call_id] += 1
-    record = _open_record(spec)
+    record = _open_record(spec, keep_values=not outs)
     try:
         return _run(spec, payload, arrays, outs, result, record)
     finally:
@@ -194,6 +263,15 @@ def _run(
             reporter(done)
             next_report = time.perf_counter() + REPORT_EVERY
 
+    keep = None
+    values: list = []
+    if record is not None and record.values_fd >= 0:
+
+        def keep(i: int, value: Any) -> None:
+            values.extend([None] * (i - spec.start - len(values)))  # failed items
+            values.append(value)
+            record.keep(i, value)
+
     ended, call_id = _ended, spec.call_id
     run_items(
         loaded.fn,
@@ -202,9 +280,13 @@ def _run(
         spec.stop,
         result,
         cancelled=lambda: call_id in ended,
+        keep=keep,
         tick=tick,
         keep_going=spec.keep_going,
     )
+    if keep is not None:
+        values.extend([None] * (result.done - len(values)))
+        result.values = values
     # Also after a failed item: the writes of the items that completed land
     # (and those the failed item made before it raised, as locally).
     result.writes = {key: changed_elements(private[key], outs[key].array) for key in private}
