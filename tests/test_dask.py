@@ -404,6 +404,39 @@ def test_item_timeout_stops_one_item_on_our_cluster(client):
     assert sks.parallel_map(lambda i: i, range(10), backend="dask").sum() == 45
 
 
+def test_a_cluster_given_to_us_keeps_going_past_an_item_that_kills_workers(client):
+    """A cluster we did not start keeps dask's own retries (allowed-failures
+    3): the fatal chunk kills each worker in turn and every copy of the
+    scattered x with them; the run scatters x again, names the item from
+    the records its nannies read, and masks exactly that item."""
+    import distributed
+
+    x = np.arange(300_000.0)  # 2.4 MB: scattered, not pickled
+
+    def cell(i):
+        if i == 301:
+            os._exit(7)
+        time.sleep(0.001)
+        return float(x[i] * 2)
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as other,
+        distributed.Client(other, set_as_default=False) as theirs,
+    ):
+        with pytest.warns(sks.ItemsFailedWarning, match="301 WorkerDiedError"):
+            out = sks.parallel_map(
+                cell, range(1000), backend="dask", client=theirs, errors="continue"
+            )
+        assert np.flatnonzero(out.mask).tolist() == [301]
+        assert out.compressed().tolist() == [2.0 * i for i in range(1000) if i != 301]
+
+
 def test_item_timeout_is_refused_on_a_cluster_given_to_us(client):
     """A cluster we did not start is never touched: no worker of it is
     killed for an item, so item_timeout= is refused."""

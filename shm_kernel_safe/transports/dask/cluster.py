@@ -168,6 +168,8 @@ def _local_client(
             cluster = _local["cluster"]
             if processes is not None and len(cluster.worker_spec) != wanted:
                 cluster.scale(wanted)  # -n changed between cells
+            else:
+                restore_local_workers(client)
             # Workers killed by the last call are restarting: wait for them,
             # or this call's data would reach only the survivors.
             wanted = len(cluster.worker_spec)
@@ -335,6 +337,23 @@ def _worker_can_import() -> str:
     import shm_kernel_safe.transports.dask.worker  # noqa: F401
 
     return "ok"
+
+
+def restore_local_workers(client: Any) -> None:
+    """Start again the workers of our cluster whose nanny dask closed.
+
+    A LocalCluster closes the nanny of a worker that has not come back
+    within ``distributed.deploy.lost-worker-timeout`` (15 s): on a loaded
+    machine a worker killed under an item can take that long to restart,
+    and the cluster then stays a worker short for good. ``scale`` to the
+    same size starts what its spec lists and no nanny runs.
+    """
+    if not is_local(client):
+        return
+    cluster = _local["cluster"]
+    with contextlib.suppress(Exception):
+        if set(cluster.worker_spec) - set(cluster.workers):
+            cluster.scale(len(cluster.worker_spec))
 
 
 def is_local(client: Any) -> bool:

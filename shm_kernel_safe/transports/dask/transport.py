@@ -221,10 +221,15 @@ class DaskTransport(Transport):
         for attempt in range(SCATTER_TRIES):
             try:
                 return self.client.scatter(data, broadcast=True, hash=False)
-            except OSError:  # distributed's CommClosedError among them
+            except OSError:  # CommClosedError, "No valid workers found" (TimeoutError)
                 if attempt == SCATTER_TRIES - 1:
                     raise
+                # every worker died: wait for one to be back (and on our
+                # cluster make sure one comes back)
                 time.sleep(0.5)
+                cluster.restore_local_workers(self.client)
+                with contextlib.suppress(Exception):
+                    self.client.wait_for_workers(1, timeout=cluster.WORKER_START_TIMEOUT)
         raise AssertionError("unreachable")
 
     def _data_on_cluster(self) -> bool:
@@ -273,6 +278,10 @@ class DaskTransport(Transport):
                 lost.append(chunk)
                 continue
             res = self._collect(fut, chunk)
+            if res is None:  # its result died with a worker before it reached us
+                fut.release()
+                lost.append(chunk)
+                continue
             # Released at once: a result the cluster still held for us would
             # be computed again (its items run twice) if its worker died.
             fut.release()
@@ -295,9 +304,16 @@ class DaskTransport(Transport):
             return True
         return fut.status == "error" and type(fut.exception()).__name__ == "KilledWorker"
 
-    def _collect(self, fut: Any, chunk: Chunk) -> ChunkResult:
+    def _collect(self, fut: Any, chunk: Chunk) -> ChunkResult | None:
+        """The chunk's result; None when it was lost on the way (the worker
+        holding it died, and dask could not compute it again)."""
         if fut.status == "finished":
-            return fut.result()
+            try:
+                return fut.result()
+            except Exception:
+                if self._died(fut):
+                    return None
+                raise
         exc = fut.exception()
         raise DaskBackendError(
             f"dask could not run items {chunk.start}-{chunk.stop - 1}: {type(exc).__name__}: {exc}"

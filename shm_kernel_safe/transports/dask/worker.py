@@ -63,6 +63,9 @@ def records_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"shm_kernel_safe-dask-{os.getuid()}")
 
 
+#: Bytes of results one chunk keeps on disk at most: beyond, a death costs
+#: running its items again rather than the disk writing big results twice.
+KEEP_LIMIT = 64 * 2**20
 #: Header of one kept result in a ``.values`` file: item, pickle length.
 _VALUE = struct.Struct("<qQ")
 VALUES = ".values"
@@ -80,7 +83,8 @@ class Record:
     it ends, so without it those of a dying worker's chunk would die with
     it and run again. Not for runs with output arrays (their writes come
     back only at the chunk's end); results that do not pickle, a failed
-    item (``errors="continue"``) or a full disk end the keeping there.
+    item (``errors="continue"``), a full disk or ``KEEP_LIMIT`` end the
+    keeping there.
     """
 
     def __init__(self, call_id: str, chunk: int, start: int, keep_values: bool) -> None:
@@ -90,6 +94,7 @@ class Record:
         self.fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         self.values_fd = -1
         self.next = start  # the next item whose result is kept
+        self.kept_bytes = 0
         if keep_values:
             flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_APPEND
             self.values_fd = os.open(self.path + VALUES, flags, 0o600)
@@ -107,6 +112,9 @@ class Record:
             if index != self.next:
                 raise ValueError("an item between failed")
             data = pickle.dumps(value, protocol=5)
+            self.kept_bytes += len(data)
+            if self.kept_bytes > KEEP_LIMIT:
+                raise ValueError("kept enough")
             os.write(self.values_fd, _VALUE.pack(index, len(data)) + data)
             self.next += 1
         except Exception:
