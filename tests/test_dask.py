@@ -53,6 +53,14 @@ def client():
     assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
 
 
+@pytest.fixture
+def two_workers(client):
+    """Both workers of our cluster up before a test kills one: a worker
+    killed by the test before is restarting (slowly on a loaded machine)."""
+    dask_cluster.restore_local_workers(client)
+    client.wait_for_workers(2, timeout=150)
+
+
 def worker_pids(client) -> list[int]:
     return sorted(client.run(os.getpid).values())
 
@@ -225,11 +233,10 @@ def squares(nn):
 
 
 @pytest.mark.parametrize("mode", ["retries", "continue", "raise"])
-def test_worker_killed_from_outside_mid_item(client, mode):
+def test_worker_killed_from_outside_mid_item(client, two_workers, mode):
     """A worker SIGKILLed inside an item: retries=1 runs that item again
     (full results), errors="continue" masks exactly that item, errors="raise"
     names it; whatever completed elsewhere is kept and right."""
-    client.wait_for_workers(2, timeout=60)
     pids = worker_pids(client)
     victim = pids[0]
     options = {"retries": {"retries": 1}, "continue": {"errors": "continue"}, "raise": {}}[mode]
@@ -263,7 +270,7 @@ def test_worker_killed_from_outside_mid_item(client, mode):
     assert not records_of(pids)  # the dead worker's record went with the run
 
 
-def test_item_that_kills_its_worker_is_a_clear_error(client):
+def test_item_that_kills_its_worker_is_a_clear_error(client, two_workers):
     def cell(nn):
         if nn == 42:
             os._exit(3)
@@ -286,7 +293,7 @@ def test_item_that_kills_its_worker_is_a_clear_error(client):
     assert len(worker_pids(client)) == 2
 
 
-def test_keep_going_masks_exactly_the_item_that_kills_its_worker(client):
+def test_keep_going_masks_exactly_the_item_that_kills_its_worker(client, two_workers):
     """errors="continue": the dying item is masked, every other result is
     right, items that raise are masked too; twice in one run."""
 
@@ -310,21 +317,6 @@ def test_keep_going_masks_exactly_the_item_that_kills_its_worker(client):
         "TaskError",
         "WorkerDiedError",
     ]
-
-
-def test_retries_run_again_an_item_that_killed_its_worker_once(client, tmp_path):
-    flag = str(tmp_path / "died")
-
-    def once(i):
-        if i == 500 and not os.path.exists(flag):
-            open(flag, "w").close()  # the next attempt finds it and lives
-            os._exit(3)
-        time.sleep(0.001)
-        return i
-
-    out = sks.parallel_map(once, range(1000), backend="dask", retries=1)
-    assert os.path.exists(flag)
-    assert isinstance(out, np.ndarray) and out.tolist() == list(range(1000))
 
 
 def ran_log(path):
@@ -351,7 +343,7 @@ def ran_counts(path, n):
 
 
 @pytest.mark.parametrize("mode", ["retries", "continue", "raise"])
-def test_items_completed_before_a_death_do_not_run_again(client, tmp_path, mode):
+def test_items_completed_before_a_death_do_not_run_again(client, two_workers, tmp_path, mode):
     """The dying worker's own chunk kept what it completed before the fatal
     item (its results were appended on the worker's host): with retries=1
     only the fatal item runs twice; with errors="continue" every item runs
@@ -379,7 +371,7 @@ def test_items_completed_before_a_death_do_not_run_again(client, tmp_path, mode)
     assert ran.tolist() == expected_runs.tolist()
 
 
-def test_item_timeout_stops_one_item_on_our_cluster(client):
+def test_item_timeout_stops_one_item_on_our_cluster(client, two_workers):
     """item_timeout=: the worker running an overdue item is killed (its nanny
     starts a fresh one) and the item fails with TimeoutError."""
 

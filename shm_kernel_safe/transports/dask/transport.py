@@ -40,7 +40,7 @@ from . import cluster
 from .kept import content_name, kept_arrays
 
 #: Times a broadcast is tried when a worker dies while it receives.
-SCATTER_TRIES = 4
+SCATTER_TRIES = 3
 
 _active: dict[str, DaskTransport] = {}  # call id -> run, for progress events
 _subscribed: set[str] = set()  # client ids subscribed to progress events
