@@ -53,12 +53,18 @@ def client():
     assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
 
 
-@pytest.fixture
-def two_workers(client):
-    """Both workers of our cluster up before a test kills one: a worker
-    killed by the test before is restarting (slowly on a loaded machine)."""
+def back_to_two(client) -> None:
+    """Wait until both workers of our cluster are up: a killed worker is
+    restarting (slowly on a loaded machine, when dask may give up on its
+    nanny: ``restore_local_workers``)."""
     dask_cluster.restore_local_workers(client)
     client.wait_for_workers(2, timeout=150)
+
+
+@pytest.fixture
+def two_workers(client):
+    """Both workers of our cluster up before a test kills one."""
+    back_to_two(client)
 
 
 def worker_pids(client) -> list[int]:
@@ -266,7 +272,7 @@ def test_worker_killed_from_outside_mid_item(client, two_workers, mode):
         assert 0 < err.done.sum() < 400
         assert all(err.partial[i] == i * i for i in np.flatnonzero(err.done))
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
-    client.wait_for_workers(2, timeout=60)
+    back_to_two(client)
     assert not records_of(pids)  # the dead worker's record went with the run
 
 
@@ -392,7 +398,7 @@ def test_item_timeout_stops_one_item_on_our_cluster(client, two_workers):
     with pytest.raises(sks.TaskError, match="TimeoutError") as info:
         sks.parallel_map(stuck_at_40, range(300), backend="dask", item_timeout=1.0)
     assert info.value.index == 40
-    client.wait_for_workers(2, timeout=60)
+    back_to_two(client)
     assert sks.parallel_map(lambda i: i, range(10), backend="dask").sum() == 45
 
 
