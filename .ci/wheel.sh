@@ -16,10 +16,12 @@ trap 'rm -rf "$WORK"' EXIT
 
 echo "--- build sdist and wheel"
 "$PYTHON" -m venv "$WORK/build-env"
-"$WORK/build-env/bin/python" -m pip install -q build twine 2>&1 | grep -v "^WARNING: Location" || true
+"$WORK/build-env/bin/python" -m pip install -q build twine check-wheel-contents 2>&1 \
+    | grep -v "^WARNING: Location" || true
 "$WORK/build-env/bin/python" -m build -q -o "$WORK/dist" . >"$WORK/build.log" 2>&1 \
     || { cat "$WORK/build.log"; exit 1; }
 "$WORK/build-env/bin/python" -m twine check --strict "$WORK"/dist/*
+"$WORK/build-env/bin/check-wheel-contents" "$WORK"/dist/*.whl
 ls -l "$WORK/dist"
 
 WHEEL="$(ls "$WORK"/dist/*.whl)"
