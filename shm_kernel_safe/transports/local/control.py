@@ -5,9 +5,15 @@ was a dead worker on" cost no message at all:
 
 * slot ``CANCEL``: the parent sets it to ask running chunks to stop between
   items (on a task error, a timeout or an interrupt);
-* one row per chunk: pid of the worker running it, items done, state, and
+* one row per chunk: pid of the worker running it, items done, state,
   (when the run has an item timeout) when its current item started, in
-  milliseconds of the system-wide monotonic clock.
+  milliseconds of the system-wide monotonic clock, and how many bytes of
+  the chunk's log are complete (``worker.Log``).
+
+``DONE`` is the ledger's source: items ``start .. start + DONE - 1`` of a
+chunk completed, and their results and ``out=`` writes are where the parent
+finds them (the stacked array, the log, the arrays), even when the worker
+died before its chunk's result message was sent.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from ...memory.arrays import empty
 
 CANCEL = 0
 HEADER = 8
-ROW = 4
-PID, DONE, STATE, ITEM_STARTED = 0, 1, 2, 3
+ROW = 5
+PID, DONE, STATE, ITEM_STARTED, LOG_END = 0, 1, 2, 3, 4
 PENDING, RUNNING, FINISHED = 0, 1, 2
 
 

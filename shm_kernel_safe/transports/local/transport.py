@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -32,8 +35,8 @@ from ...errors import InvalidArgumentError
 from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
-from .control import DONE, ITEM_STARTED, PID, RUNNING, STATE, ControlBlock
-from .worker import ChunkTask, run_chunk
+from .control import DONE, ITEM_STARTED, LOG_END, PID, RUNNING, STATE, ControlBlock
+from .worker import ChunkTask, read_log, run_chunk
 
 
 def check_start_method(start_method: str | None) -> str:
@@ -85,9 +88,13 @@ class LocalTransport(Transport):
         # copied back into the caller's array when the run ends.
         self.copy_back: list[tuple[np.ndarray, np.ndarray]] = []
         self.futures: dict[cf.Future, Chunk] = {}
+        self.chunks: dict[int, Chunk] = {}  # every chunk submitted, by number
+        self.unstacked: set[int] = set()  # chunks whose results travel in their log
         self.results_handle: SharedArray | None = None
         self.scalar_type: type | None = None
         self.executor: Any = None
+        self.lease: pools.Lease | None = None
+        self.ledger: str | None = None  # directory of the chunks' logs (worker.Log)
         self.payload: SharedArray | None = None
         self.keep_going = False
         self.track_time = False
@@ -98,7 +105,6 @@ class LocalTransport(Transport):
         self.live_from = 0  # index of the first block of the current pool
         self.rows: dict[int, tuple[int, int]] = {}  # chunk -> (block, row)
         self.next_row = 0
-        self.lost_done = 0  # items counted in blocks but lost with a broken pool
         self.first_block = 1
 
     def encode(
@@ -111,6 +117,9 @@ class LocalTransport(Transport):
     ) -> None:
         self.keep_going = keep_going
         self.track_time = item_timeout is not None
+        # Never more workers than items: a worker costs a process start.
+        self.workers = max(1, min(self.workers, len(payload.items)))
+        self.ledger = tempfile.mkdtemp(prefix="sks-ledger-")
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
@@ -134,7 +143,8 @@ class LocalTransport(Transport):
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.first_block = chunk_bound(self.workers)
-        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
+        self.lease = pools.lease(self.workers, self.start_method, self.threads)
+        self.executor = self.lease.executor
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
         layout = stack_layout(first)
@@ -161,7 +171,11 @@ class LocalTransport(Transport):
             self.scalar_type,
             self.keep_going,
             self.track_time,
+            self.ledger,
         )
+        self.chunks[chunk.number] = chunk
+        if self.results_handle is None:
+            self.unstacked.add(chunk.number)
         self.futures[self.executor.submit(run_chunk, task)] = chunk
 
     def _row_for(self, chunk: int) -> tuple[int, int]:
@@ -180,14 +194,41 @@ class LocalTransport(Transport):
         results = []
         for fut in done:
             try:
-                results.append(fut.result())
+                res = fut.result()
             except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
                 raise self._lost(exc) from None
             del self.futures[fut]
+            results.append(self._with_log(res))
         return results
 
+    def _with_log(self, res: ChunkResult) -> ChunkResult:
+        """``res`` with what its worker put in the chunk's log (see ``worker.Log``).
+
+        Only the records of counted items (``done``) are kept: a worker that
+        died between logging an item and counting it has not completed it.
+        """
+        chunk = self.chunks[res.chunk]
+        block, row = self.rows[res.chunk]
+        end = int(self.blocks[block][0].table[row, LOG_END])
+        if res.values is None and res.chunk in self.unstacked:
+            res.values = [None] * res.done
+        if not end:
+            return res
+        stop = chunk.start + res.done
+        for index, kind, obj in read_log(os.path.join(self.ledger or "", str(res.chunk)), end):
+            if index >= stop:
+                continue
+            if kind == "value" and res.values is not None:
+                res.values[index - chunk.start] = obj
+            elif kind == "misfit":
+                res.misfits[index] = obj
+            elif kind == "failed":
+                res.failed[index] = obj
+        return res
+
     def items_done(self) -> int:
-        return sum(ctrl.done() for ctrl, _ in self.blocks) - self.lost_done
+        # Every row counts: what a dead worker completed stays completed.
+        return sum(ctrl.done() for ctrl, _ in self.blocks)
 
     def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         """Raise the cancel flag, collect chunks that stop, kill what is stuck."""
@@ -204,20 +245,15 @@ class LocalTransport(Transport):
                     results.append(fut.result())
             kill = bool(pending)
         self.futures.clear()
-        if kill:
-            pools.discard(self.workers, self.start_method, self.threads)
+        if kill and self.lease is not None:
+            self.lease.kill()
         return results
 
     def recover(self) -> None:
-        """Replace the broken pool; rows of the old one stop counting as running."""
-        lost = 0
-        for chunk in self.futures.values():
-            block, row = self.rows[chunk.number]
-            lost += int(self.blocks[block][0].table[row, DONE])
-        self.lost_done += lost
+        """Go on with fresh workers; rows of the old ones stop counting as running."""
         self.futures.clear()
-        pools.discard(self.workers, self.start_method, self.threads)
-        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
+        assert self.lease is not None
+        self.executor = self.lease.replace()
         self.live_from = len(self.blocks)
         self.next_row = 1 << 62  # the next submit starts a fresh block
 
@@ -232,7 +268,7 @@ class LocalTransport(Transport):
                 continue
             if now - int(table[row, ITEM_STARTED]) > seconds * 1000:
                 pid = int(table[row, PID])
-                index = self._chunk(chunk).start + int(table[row, DONE])
+                index = self.chunks[chunk].start + int(table[row, DONE])
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(pid).kill()
                 table[row, ITEM_STARTED] = 0  # stopped once
@@ -253,6 +289,11 @@ class LocalTransport(Transport):
         self.owned.clear()
         self.copy_back.clear()
         self.futures.clear()
+        if self.lease is not None:
+            self.lease.release()
+        if self.ledger is not None:
+            shutil.rmtree(self.ledger, ignore_errors=True)
+            self.ledger = None
 
     # -- helpers -----------------------------------------------------------------
     def _own(self, arr: np.ndarray) -> SharedArray:
@@ -261,36 +302,52 @@ class LocalTransport(Transport):
         self.owned.append(handle.name)
         return handle
 
-    def _chunk(self, number: int) -> Chunk:
-        for chunk in self.futures.values():
-            if chunk.number == number:
-                return chunk
-        raise KeyError(number)
-
     def _lost(self, exc: BaseException) -> WorkerLost:
+        """What a broken pool took: which workers died on which items, and
+        what every chunk it held had completed (``WorkerLost.salvage``)."""
         match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc))
         codes = match.group(1) if match else ""
         how = f" (exit code {codes})" if codes else ""
-        lost_chunks = [c.number for c in self.futures.values()]
-        by_place = {place: number for number, place in self.rows.items()}
-        dead = []
-        for block in range(self.live_from, len(self.blocks)):
-            for row, pid, done, _ in self.blocks[block][0].running():
-                number = by_place.get((block, row))
-                if number in lost_chunks and not _platform.pid_alive(pid):
-                    dead.append((number, pid, done))
+        # The workers that died on their own, noted before loky killed the
+        # others; then every worker is stopped and joined, so no counter in
+        # the control block moves while it is read.
+        dead = dict(getattr(self.executor, "dead", {}) or {})
+        assert self.lease is not None
+        self.lease.stop_workers()
+        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        salvage = [
+            self._with_log(ChunkResult(c.number, done=self._row_done(c.number))) for c in lost
+        ]
+        culprits: list[tuple[int, int]] = []  # (item, pid)
+        for chunk in lost:
+            block, row = self.rows[chunk.number]
+            table = self.blocks[block][0].table
+            pid = int(table[row, PID])
+            index = chunk.start + int(table[row, DONE])
+            if table[row, STATE] == RUNNING and pid in dead and index < chunk.stop:
+                culprits.append((index, pid))
+        culprits.sort()
         recovery = "the pool was replaced"
-        if not dead:
-            return WorkerLost(chunks=lost_chunks, how=how, recovery=recovery, exitcodes=codes)
-        number, pid, done = dead[0]
+        common = {
+            "chunks": [c.number for c in lost],
+            "salvage": salvage,
+            "how": how,
+            "recovery": recovery,
+            "exitcodes": codes,
+        }
+        if not culprits:
+            return WorkerLost(**common)
+        who = ", ".join(str(pid) for _, pid in culprits)
+        plural = "es" if len(culprits) > 1 else ""
         return WorkerLost(
-            chunks=lost_chunks,
-            index=self._chunk(number).start + done,
-            who=f"worker process {pid}",
-            how=how,
-            recovery=recovery,
-            exitcodes=codes,
+            indices=[index for index, _ in culprits],
+            who=f"worker process{plural} {who}",
+            **common,
         )
+
+    def _row_done(self, number: int) -> int:
+        block, row = self.rows[number]
+        return int(self.blocks[block][0].table[row, DONE])
 
 
 def prestart(
