@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,14 @@ def check_start_method(start_method: str | None) -> str:
     return start_method
 
 
+#: Seconds chunks may wait with no worker running any of them before the
+#: run ends as stalled: far above a cold start under load (a few seconds).
+STALL_SECONDS = 60.0
+
+#: ``processes`` values already warned about (see LocalTransport).
+_warned_processes: set[int] = set()
+
+
 class _NamedNow:
     """``Payload.keep``, read when it is pickled: after ``fn`` and ``items``
     (a dataclass pickles its fields in order), so a cached copy that this
@@ -78,7 +87,19 @@ class LocalTransport(Transport):
         start_method: str | None = None,
         threads_per_worker: int | None = None,
     ) -> None:
-        self.workers = processes or _platform.usable_cpus()
+        cpus = _platform.usable_cpus()
+        if processes is not None and processes > cpus and processes not in _warned_processes:
+            # Once per value: more processes than CPUs only adds start-up
+            # time and memory (each worker maps the inputs and keeps a heap).
+            _warned_processes.add(processes)
+            warnings.warn(
+                f"processes={processes} is more than the {cpus} CPUs this process may "
+                f"use; the extra workers only wait for a CPU. At most one worker per "
+                f"item is started.",
+                UserWarning,
+                stacklevel=4,  # LocalTransport <- make_transport <- parallel_map <- caller
+            )
+        self.workers = processes or cpus
         self.start_method = check_start_method(start_method)
         self.threads = threads_for(self.workers, threads_per_worker)
         self.call_id = uuid.uuid4().hex
@@ -106,6 +127,7 @@ class LocalTransport(Transport):
         self.rows: dict[int, tuple[int, int]] = {}  # chunk -> (block, row)
         self.next_row = 0
         self.first_block = 1
+        self.quiet_since = time.monotonic()  # last time a chunk ran or came back
 
     def encode(
         self,
@@ -199,7 +221,36 @@ class LocalTransport(Transport):
                 raise self._lost(exc) from None
             del self.futures[fut]
             results.append(self._with_log(res))
+        if results or not self.futures or self._any_running():
+            self.quiet_since = time.monotonic()
+        elif time.monotonic() - self.quiet_since > STALL_SECONDS:
+            raise self._stalled()
         return results
+
+    def _any_running(self) -> bool:
+        return any(
+            (self.blocks[b][0].table[r, STATE] == RUNNING)
+            for b, r in (self.rows[c.number] for c in self.futures.values())
+        )
+
+    def _stalled(self) -> WorkerLost:
+        """Chunks wait and no worker runs any: the pool stopped taking work
+        (a worker that hung before its first item, a lost message). The run
+        ends with what completed instead of waiting for ever."""
+        assert self.lease is not None
+        self.lease.stop_workers()
+        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        return WorkerLost(
+            chunks=[c.number for c in lost],
+            salvage=[
+                self._with_log(ChunkResult(c.number, done=self._row_done(c.number))) for c in lost
+            ],
+            recoverable=False,
+            span=f"items {_spans(lost)}",
+            who="the local pool",
+            how=f" or hung: for {STALL_SECONDS:.0f} s no worker ran any of the queued chunks",
+            recovery="its workers were stopped",
+        )
 
     def _with_log(self, res: ChunkResult) -> ChunkResult:
         """``res`` with what its worker put in the chunk's log (see ``worker.Log``).
@@ -348,6 +399,11 @@ class LocalTransport(Transport):
     def _row_done(self, number: int) -> int:
         block, row = self.rows[number]
         return int(self.blocks[block][0].table[row, DONE])
+
+
+def _spans(chunks: list[Chunk]) -> str:
+    text = ", ".join(f"{c.start}-{c.stop - 1}" if c.size > 1 else str(c.start) for c in chunks)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def prestart(
