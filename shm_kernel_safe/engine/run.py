@@ -41,6 +41,9 @@ ERROR_MODES = ("raise", "continue")
 
 #: How long running chunks get to notice a cancel before their workers are stopped.
 CANCEL_GRACE = 0.5
+#: Pools lost with no item to blame (workers that die idle, or as they
+#: start) after which the run stops instead of starting workers again.
+MAX_BLAMELESS_LOSSES = 3
 #: How often the wait loop wakes for progress and the deadline, in seconds.
 POLL_INTERVAL = 0.05
 
@@ -181,6 +184,7 @@ class Run:
         self.failures: dict[int, BaseException] = {}  # item -> its error (keep_going)
         self.attempts: dict[int, int] = {}  # item -> times its worker died under it
         self.recovered = False  # a worker died: chunks were salvaged and split
+        self.blameless_losses = 0  # workers lost while running none of our items
         self.timed_out: set[int] = set()
         self.stacked: np.ndarray | None = None
         self.plan: Plan | None = None
@@ -323,7 +327,18 @@ class Run:
                 retried.append(culprit)
         if failed_now and not self.keep_going:
             raise self._item_lost_error(failed_now[0], lost)
-        if not lost.recoverable or (not lost.indices and not self.keep_going and self.retries == 0):
+        if lost.blameless:
+            self.blameless_losses += 1
+        if (
+            not lost.recoverable
+            or (lost.blameless and self.blameless_losses > MAX_BLAMELESS_LOSSES)
+            or (
+                not lost.blameless
+                and not lost.indices
+                and not self.keep_going
+                and self.retries == 0
+            )
+        ):
             raise self._worker_died(lost)
         self.transport.recover()
         for culprit in failed_now:
@@ -338,7 +353,7 @@ class Run:
                 spans = [(start, culprit), (culprit + 1, chunk.stop)]
                 if culprit in retried:
                     spans.append((culprit, culprit + 1))
-            elif not lost.indices:
+            elif not lost.indices and not lost.blameless:
                 spans = [(i, i + 1) for i in range(start, chunk.stop)]
             else:
                 spans = [(start, chunk.stop)]

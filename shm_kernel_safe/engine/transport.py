@@ -50,7 +50,8 @@ class WorkerLost(Exception):
     (a :class:`ChunkResult` with ``done`` items from its start, their values
     or failures), which the run keeps and never runs again. ``indices`` are
     the items dead workers were running, when known exactly (``index`` is
-    the first of them),
+    the first of them); ``blameless`` says the workers died while running
+    none of the run's items (idle), so the run goes on whatever its options,
     ``span`` describes what it may have been running otherwise (``"one of
     items 0-99"``), ``how`` says how it died and ``recovery`` what was done
     about it.
@@ -64,6 +65,7 @@ class WorkerLost(Exception):
         index: int | None = None,
         indices: list[int] | None = None,
         salvage: list[ChunkResult] | None = None,
+        blameless: bool = False,
         span: str = "",
         who: str = "a worker process",
         how: str = "",
@@ -78,6 +80,7 @@ class WorkerLost(Exception):
         self.indices = sorted(indices)
         self.index = self.indices[0] if self.indices else None
         self.salvage = salvage or []
+        self.blameless = blameless  # workers died running no item: run it all again
         self.span = span
         self.who = who
         self.how = how

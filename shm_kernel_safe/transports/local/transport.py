@@ -198,7 +198,15 @@ class LocalTransport(Transport):
         self.chunks[chunk.number] = chunk
         if self.results_handle is None:
             self.unstacked.add(chunk.number)
-        self.futures[self.executor.submit(run_chunk, task)] = chunk
+        try:
+            future = self.executor.submit(run_chunk, task)
+        except cf.process.BrokenProcessPool as exc:
+            # A worker died while none of our chunks was queued (idle, or
+            # between the probe and the rest): the chunk is lost like the
+            # others, and :meth:`wait` reports it the one way.
+            future = cf.Future()
+            future.set_exception(exc)
+        self.futures[future] = chunk
 
     def _row_for(self, chunk: int) -> tuple[int, int]:
         if not self.blocks or self.next_row >= self.blocks[-1][0].capacity:
@@ -387,7 +395,9 @@ class LocalTransport(Transport):
             "exitcodes": codes,
         }
         if not culprits:
-            return WorkerLost(**common)
+            # Workers died, but none while running an item of this run (idle,
+            # or between chunks): nothing to blame, every chunk goes again.
+            return WorkerLost(blameless=bool(dead), **common)
         who = ", ".join(str(pid) for _, pid in culprits)
         plural = "es" if len(culprits) > 1 else ""
         return WorkerLost(
