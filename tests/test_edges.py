@@ -266,3 +266,31 @@ def test_one_pool_per_process_resized_on_demand():
     sks.parallel_map(abs, range(100), processes=2, start_method="spawn")
     (info,) = pool.pool_info()  # replaced, not added
     assert info["start_method"] == "spawn" and len(info["pids"]) <= 2
+
+
+# -- build item 8: no run can hang --------------------------------------------------
+def _hang_forever():
+    time.sleep(3600)
+
+
+class _HangsWhenLoaded:
+    """Unpickling this (in a worker, with the call's payload) never returns."""
+
+    def __reduce__(self):
+        return (_hang_forever, ())
+
+
+def test_a_pool_that_runs_nothing_ends_the_run_with_a_named_cause(monkeypatch):
+    from shm_kernel_safe.transports.local import transport
+
+    monkeypatch.setattr(transport, "STALL_SECONDS", 3.0)
+    blocker = _HangsWhenLoaded()
+
+    def fn(i):
+        return i if blocker else -1
+
+    t0 = time.monotonic()
+    with pytest.raises(sks.WorkerDiedError, match="no worker ran any of the queued chunks") as info:
+        sks.parallel_map(fn, range(50), processes=2, start_method="fork")
+    assert time.monotonic() - t0 < 60  # a hang guard
+    assert info.value.done is not None and not info.value.done.any()

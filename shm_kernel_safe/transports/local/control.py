@@ -26,7 +26,9 @@ CANCEL = 0
 HEADER = 8
 ROW = 5
 PID, DONE, STATE, ITEM_STARTED, LOG_END = 0, 1, 2, 3, 4
-PENDING, RUNNING, FINISHED = 0, 1, 2
+# LOADING: a worker took the chunk and loads the call's payload; RUNNING: it
+# runs items. Only RUNNING counts as progress for the stall check.
+PENDING, RUNNING, FINISHED, LOADING = 0, 1, 2, 3
 
 
 class ControlBlock:
@@ -50,6 +52,6 @@ class ControlBlock:
 
     def running(self) -> list[tuple[int, int, int, int]]:
         """(row, pid, items done, item start ms) of chunks started and not finished."""
-        rows = np.nonzero(self.table[:, STATE] == RUNNING)[0]
+        rows = np.nonzero(np.isin(self.table[:, STATE], (RUNNING, LOADING)))[0]
         t = self.table
         return [(int(r), int(t[r, PID]), int(t[r, DONE]), int(t[r, ITEM_STARTED])) for r in rows]

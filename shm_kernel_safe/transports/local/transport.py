@@ -36,7 +36,16 @@ from ...errors import InvalidArgumentError
 from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
-from .control import DONE, ITEM_STARTED, LOG_END, PID, RUNNING, STATE, ControlBlock
+from .control import (
+    DONE,
+    ITEM_STARTED,
+    LOADING,
+    LOG_END,
+    PID,
+    RUNNING,
+    STATE,
+    ControlBlock,
+)
 from .worker import ChunkTask, read_log, run_chunk
 
 
@@ -243,8 +252,9 @@ class LocalTransport(Transport):
 
     def _stalled(self) -> WorkerLost:
         """Chunks wait and no worker runs any: the pool stopped taking work
-        (a worker that hung before its first item, a lost message). The run
-        ends with what completed instead of waiting for ever."""
+        (workers that never started or hung before their first item, a lost
+        message). The run ends with what completed instead of waiting for
+        ever. An item that runs long is not a stall: its row is RUNNING."""
         assert self.lease is not None
         self.lease.stop_workers()
         lost = sorted(self.futures.values(), key=lambda c: c.number)
@@ -383,7 +393,7 @@ class LocalTransport(Transport):
             table = self.blocks[block][0].table
             pid = int(table[row, PID])
             index = chunk.start + int(table[row, DONE])
-            if table[row, STATE] == RUNNING and pid in dead and index < chunk.stop:
+            if table[row, STATE] in (RUNNING, LOADING) and pid in dead and index < chunk.stop:
                 culprits.append((index, pid))
         culprits.sort()
         recovery = "the pool was replaced"

@@ -158,7 +158,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     ctrl = memoryview(task.control.view())
     row = control.HEADER + control.ROW * task.row
     ctrl[row + control.PID] = os.getpid()
-    ctrl[row + control.STATE] = control.RUNNING
+    ctrl[row + control.STATE] = control.LOADING
     result = ChunkResult(task.chunk)
     try:
         payload = _payload_for(task)
@@ -166,6 +166,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         result.error = describe_error(exc, task.start, None, loading=True)
         ctrl[row + control.STATE] = control.FINISHED
         return result
+    ctrl[row + control.STATE] = control.RUNNING
     done_slot = row + control.DONE
     cancel_slot = control.CANCEL
     started_slot = row + control.ITEM_STARTED
