@@ -6,6 +6,34 @@ payload, planning chunks (a probe, then guided chunks), the wait loop
 and gathering the results. Whatever happens (an item that raises, a dead
 worker, a timeout, Ctrl-C) the run cancels what is left, stops stuck
 workers, and releases everything it holds before returning.
+
+The wait loop and the ledger::
+
+    submit(chunks) ──► transport ──► workers: items start..stop, each counted
+         ▲                │             in shared memory (control block DONE)
+         │                │ wait(<= POLL_INTERVAL)
+         │                ▼
+         │        ┌─ ChunkResult ──────────► _take ──┐
+         │        ├─ WorkerLost(salvage,   ► _recover┤   the ledger (this Run):
+         │        │    culprits)                     ├─► done[item], results,
+         │        ├─ nothing: progress, item_timeout,│   failures, attempts
+         │        │    deadline (timeout=)           │
+         │        └─ stall: no chunk runs for        │
+         │             STALL_SECONDS (local) ────────┘
+         └── rest of a lost chunk (split around its culprit), retries
+
+``done`` is the ledger: an item is done once a chunk's result or, when its
+worker died, the transport's ``salvage`` (what the control block counted,
+with the values and errors of the chunk's log) says so; a done item is never
+submitted again. Culprits (the items dead workers were running) fail or go
+again on a fresh worker (``retries``); ``exc.done`` and ``exc.partial`` of
+any error are ``done`` and the values it marks.
+
+Every wait is bounded and named: ``wait`` returns within ``POLL_INTERVAL``;
+a run ends on ``timeout=`` (``ParallelTimeoutError``), a worker death
+(``WorkerDiedError`` unless recovered), a stalled pool (``WorkerDiedError``
+"... or hung"), an interrupt (``ParallelInterrupt``); cancelling waits
+``CANCEL_GRACE`` for running chunks, then stops their workers.
 """
 
 from __future__ import annotations

@@ -438,5 +438,5 @@ def prestart(
     executor = pools.get_pool(transport.workers, transport.start_method, transport.threads)
     futures = [executor.submit(ping) for _ in range(transport.workers * 2)]
     for fut in futures:
-        fut.result()
+        fut.result(timeout=pools.START_WAIT)
     return sorted(pools.worker_pids(executor))
