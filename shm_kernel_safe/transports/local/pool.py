@@ -220,10 +220,8 @@ class Lease:
                 self.released = True
                 if self.private:
                     _private.discard(self.executor)
-                else:
-                    if _warm is self.executor:
-                        _warm = None
-                    _leased = False
+                elif _warm is self.executor:
+                    _warm, _leased = None, False
         _kill(self.executor)
 
     def release(self) -> None:
@@ -233,11 +231,13 @@ class Lease:
             if self.released:
                 return
             self.released = True
+            # Not the warm pool any more (shutdown_pools() ran meanwhile): stop it.
+            stop = self.private or _warm is not self.executor
             if self.private:
                 _private.discard(self.executor)
-            else:
+            elif _warm is self.executor:
                 _leased = False
-        if self.private:
+        if stop:
             _kill(self.executor)
 
 

@@ -46,7 +46,7 @@ from .control import (
     STATE,
     ControlBlock,
 )
-from .worker import ChunkTask, read_log, run_chunk
+from .worker import FAILED, MISFIT, VALUE, ChunkTask, read_log, run_chunk
 
 
 def check_start_method(start_method: str | None) -> str:
@@ -237,7 +237,7 @@ class LocalTransport(Transport):
             except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
                 raise self._lost(exc) from None
             del self.futures[fut]
-            results.append(self._with_log(res))
+            results.append(res)
         if results or not self.futures or self._any_running():
             self.quiet_since = time.monotonic()
         elif time.monotonic() - self.quiet_since > STALL_SECONDS:
@@ -271,7 +271,8 @@ class LocalTransport(Transport):
         )
 
     def _with_log(self, res: ChunkResult) -> ChunkResult:
-        """``res`` with what its worker put in the chunk's log (see ``worker.Log``).
+        """``res``, the salvage of a chunk whose worker died, with what the
+        worker put in the chunk's log (see ``worker.Log``).
 
         Only the records of counted items (``done``) are kept: a worker that
         died between logging an item and counting it has not completed it.
@@ -287,11 +288,11 @@ class LocalTransport(Transport):
         for index, kind, obj in read_log(os.path.join(self.ledger or "", str(res.chunk)), end):
             if index >= stop:
                 continue
-            if kind == "value" and res.values is not None:
+            if kind == VALUE and res.values is not None:
                 res.values[index - chunk.start] = obj
-            elif kind == "misfit":
+            elif kind == MISFIT:
                 res.misfits[index] = obj
-            elif kind == "failed":
+            elif kind == FAILED:
                 res.failed[index] = obj
         return res
 

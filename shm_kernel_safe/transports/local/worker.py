@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,15 +51,16 @@ class Log:
 
     Results that do not stack, results that do not fit the stacked array and
     (with ``errors="continue"``) items' errors are appended here, each as
-    one pickled ``(index, kind, object)`` record, before the item is counted
-    in the control block. The file is memory-mapped: a record is a memcpy,
-    never a message or a system call, and it survives the worker's death
-    (the pages belong to the file). The parent reads it when the chunk comes
-    back and when its worker died, so what a dead worker completed is kept.
+    one record (item index, kind, pickled object), before the item is
+    counted in the control block. The file is memory-mapped: a record is a
+    memcpy, never a message or a system call, and it survives the worker's
+    death (the pages belong to the file). The parent reads it when the
+    worker died before its chunk came back, so what it completed is kept.
     The control block's ``LOG_END`` slot says how many bytes are complete.
     """
 
     FIRST_SIZE = 1 << 16
+    HEAD = struct.Struct("<qq")  # item index, kind << 56 | length of the pickle
 
     def __init__(self, path: str, ctrl: memoryview, end_slot: int) -> None:
         self.path = path
@@ -69,14 +71,14 @@ class Log:
         self.size = 0
         self.end = 0
 
-    def add(self, index: int, kind: str, obj: Any) -> None:
-        data = pickle.dumps((index, kind, obj), protocol=pickle.HIGHEST_PROTOCOL)
-        stop = self.end + 8 + len(data)
+    def add(self, index: int, kind: int, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        at = self.end + 16
+        stop = at + len(data)
         if stop > self.size:
             self._grow(stop)
-        assert self.map is not None
-        self.map[self.end : self.end + 8] = len(data).to_bytes(8, "little")
-        self.map[self.end + 8 : stop] = data
+        self.HEAD.pack_into(self.map, self.end, index, kind << 56 | len(data))  # type: ignore[arg-type]
+        self.map[at:stop] = data  # type: ignore[index]
         self.end = stop
         self.ctrl[self.end_slot] = stop  # published after the bytes
 
@@ -99,36 +101,42 @@ class Log:
             os.close(self.fd)
 
 
-class _LoggedDict(dict):
-    """``ChunkResult.failed`` that logs each entry instead of keeping it:
-    the parent reads the chunk's failures from the log."""
+#: Kinds of log records.
+VALUE, MISFIT, FAILED = 0, 1, 2
 
-    def __init__(self, log: Log, kind: str) -> None:
+
+class _LoggedDict(dict):
+    """``ChunkResult.failed`` that logs each entry as it is made."""
+
+    def __init__(self, log: Log) -> None:
         super().__init__()
         self.log = log
-        self.kind = kind
 
     def __setitem__(self, index: int, value: Any) -> None:
-        self.log.add(index, self.kind, value)
+        self.log.add(index, FAILED, value)
+        super().__setitem__(index, value)
 
 
-def read_log(path: str, end: int) -> list[tuple[int, str, Any]]:
-    """The complete records of a chunk's log (see :class:`Log`)."""
+def read_log(path: str, end: int) -> list[tuple[int, int, Any]]:
+    """The complete records of a chunk's log, as (index, kind, object)."""
     if end <= 0:
         return []
     try:
         with open(path, "rb") as f:
-            data = f.read(end)
+            data = memoryview(f.read(end))
     except FileNotFoundError:
         return []
     records = []
     at = 0
-    while at + 8 <= len(data):
-        n = int.from_bytes(data[at : at + 8], "little")
-        if at + 8 + n > len(data):
+    unpack, loads = Log.HEAD.unpack_from, pickle.loads
+    low = (1 << 56) - 1
+    while at + 16 <= len(data):
+        index, word = unpack(data, at)
+        stop = at + 16 + (word & low)
+        if stop > len(data):
             break
-        records.append(pickle.loads(data[at + 8 : at + 8 + n]))
-        at += 8 + n
+        records.append((index, word >> 56, loads(data[at + 16 : stop])))
+        at = stop
     return records
 
 
@@ -189,7 +197,12 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         if task.ledger is None
         else Log(os.path.join(task.ledger, str(task.chunk)), ctrl, row + control.LOG_END)
     )
+    # What does not stack goes both in the chunk's log (read by the parent
+    # only if the worker dies) and in the result message (read otherwise):
+    # the extra pickling is the workers', in parallel, and the parent's
+    # per-item cost stays that of one message per chunk.
     keep: Callable[[int, Any], None] | None = None
+    kept: dict[int, Any] | None = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
@@ -203,17 +216,18 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
 
             def keep(i: int, value: Any) -> None:
                 if not _store(stacked, i, value, scalar_type):
-                    log.add(i, "misfit", value)
+                    log.add(i, MISFIT, value)
+                    misfits[i] = value
 
     elif log is not None:
-        # With a log, what does not stack travels in the log only (values,
-        # misfits, failures): the parent reads it whether the chunk comes
-        # back or its worker dies, so nothing is pickled twice.
+        kept = {}
+
         def keep(i: int, value: Any) -> None:
-            log.add(i, "value", value)
+            log.add(i, VALUE, value)
+            kept[i] = value
 
     if log is not None and task.keep_going:
-        result.failed = _LoggedDict(log, "failed")
+        result.failed = _LoggedDict(log)
     run_items(
         payload.fn,
         payload.items,
@@ -227,7 +241,9 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     )
     if log is not None:
         log.close()
-        result.failed = {}
+        result.failed = dict(result.failed)
+    if kept is not None:  # None where an item failed, as run_items' own list
+        result.values = [kept.get(i) for i in range(task.start, task.start + result.done)]
     ctrl[row + control.STATE] = control.FINISHED
     return result
 
