@@ -14,7 +14,6 @@ import concurrent.futures as cf
 import contextlib
 import os
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -124,7 +123,9 @@ class LocalTransport(Transport):
         self.scalar_type: type | None = None
         self.executor: Any = None
         self.lease: pools.Lease | None = None
-        self.ledger: str | None = None  # directory of the chunks' logs (worker.Log)
+        # Path prefix of the chunks' logs (worker.Log): files are made only by
+        # chunks that log something, and known from the control block.
+        self.ledger: str | None = None
         self.payload: SharedArray | None = None
         self.keep_going = False
         self.track_time = False
@@ -150,7 +151,7 @@ class LocalTransport(Transport):
         self.track_time = item_timeout is not None
         # Never more workers than items: a worker costs a process start.
         self.workers = max(1, min(self.workers, len(payload.items)))
-        self.ledger = tempfile.mkdtemp(prefix="sks-ledger-")
+        self.ledger = os.path.join(tempfile.gettempdir(), f"sks-ledger-{self.call_id}-")
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
@@ -285,7 +286,7 @@ class LocalTransport(Transport):
         if not end:
             return res
         stop = chunk.start + res.done
-        for index, kind, obj in read_log(os.path.join(self.ledger or "", str(res.chunk)), end):
+        for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
             if index >= stop:
                 continue
             if kind == VALUE and res.values is not None:
@@ -361,9 +362,14 @@ class LocalTransport(Transport):
         self.futures.clear()
         if self.lease is not None:
             self.lease.release()
-        if self.ledger is not None:
-            shutil.rmtree(self.ledger, ignore_errors=True)
-            self.ledger = None
+        for number, (block, row) in self.rows.items():
+            # a worker that died as it made its log may not have counted a byte
+            if self.ledger is not None and (
+                self.blocks[block][0].table[row, LOG_END] or self.live_from
+            ):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.ledger}{number}")
+        self.ledger = None
 
     # -- helpers -----------------------------------------------------------------
     def _own(self, arr: np.ndarray) -> SharedArray:

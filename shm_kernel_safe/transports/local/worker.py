@@ -43,7 +43,7 @@ class ChunkTask:
     scalar_type: type | None = None  # the type a stacked scalar result must have
     keep_going: bool = False  # go on past an item that raises
     track_time: bool = False  # note when each item starts (for item timeouts)
-    ledger: str | None = None  # directory of the run's per-chunk logs (see Log)
+    ledger: str | None = None  # path prefix of the run's per-chunk logs (see Log)
 
 
 class Log:
@@ -195,7 +195,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     log = (
         None
         if task.ledger is None
-        else Log(os.path.join(task.ledger, str(task.chunk)), ctrl, row + control.LOG_END)
+        else Log(f"{task.ledger}{task.chunk}", ctrl, row + control.LOG_END)
     )
     # What does not stack goes both in the chunk's log (read by the parent
     # only if the worker dies) and in the result message (read otherwise):
