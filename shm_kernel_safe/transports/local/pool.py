@@ -24,7 +24,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from loky import ProcessPoolExecutor
@@ -107,23 +106,26 @@ class _Executor(ProcessPoolExecutor):
         super()._start_executor_manager_thread()
         manager = self._executor_manager_thread
         if fresh and manager is not None:
+            # Weak references only: a cycle through the manager would keep
+            # loky's queues and semaphores alive until the next gc pass.
             manager.terminate_broken = functools.partial(
-                _note_dead, weakref.ref(self), manager.processes, manager.terminate_broken
+                _note_dead, weakref.ref(self), weakref.ref(manager)
             )
 
 
-def _note_dead(
-    executor: weakref.ref, processes: dict, terminate: Callable[[Any], None], bpe: Any
-) -> None:
+def _note_dead(executor: weakref.ref, manager_ref: weakref.ref, bpe: Any) -> None:
+    manager = manager_ref()
+    if manager is None:
+        return
     dead = {}
-    for pid, proc in list(processes.items()):
+    for pid, proc in list(manager.processes.items()):
         with contextlib.suppress(Exception):
             if proc.exitcode is not None:
                 dead[pid] = proc.exitcode
     owner = executor()
     if owner is not None:
         owner.dead = dead
-    terminate(bpe)
+    type(manager).terminate_broken(manager, bpe)
 
 
 def _new_executor(processes: int, start_method: str, threads: int) -> _Executor:
