@@ -170,6 +170,7 @@ def test_sigkill_from_outside_keeps_what_completed(mode, victims, tmp_path):
     failed = [e.index for e in sks.last_errors()]
     assert masked == failed and 1 <= len(failed) <= victims
     assert all(isinstance(e, sks.WorkerDiedError) for e in sks.last_errors())
+    assert len({str(e) for e in sks.last_errors()}) == len(failed)  # each names its worker
     assert not wrote[failed].any()
     assert wrote.sum() == n - len(failed)
 

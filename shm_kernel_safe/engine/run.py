@@ -450,7 +450,7 @@ class Run:
             what = f"item {self._original(index)} ({short_repr(self.items, index)})"
         else:
             what = lost.span
-        message = f"{lost.who} died{lost.how}"
+        message = f"{lost.workers.get(index, lost.who)} died{lost.how}"
         if what:
             message += f" while running {what}"
         if lost.recovery:

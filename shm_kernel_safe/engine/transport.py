@@ -66,6 +66,7 @@ class WorkerLost(Exception):
         indices: list[int] | None = None,
         salvage: list[ChunkResult] | None = None,
         blameless: bool = False,
+        workers: dict[int, str] | None = None,
         span: str = "",
         who: str = "a worker process",
         how: str = "",
@@ -81,6 +82,7 @@ class WorkerLost(Exception):
         self.index = self.indices[0] if self.indices else None
         self.salvage = salvage or []
         self.blameless = blameless  # workers died running no item: run it all again
+        self.workers = workers or {}  # item in ``indices`` -> the worker that died on it
         self.span = span
         self.who = who
         self.how = how

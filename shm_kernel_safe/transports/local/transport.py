@@ -419,6 +419,7 @@ class LocalTransport(Transport):
         plural = "es" if len(culprits) > 1 else ""
         return WorkerLost(
             indices=[index for index, _ in culprits],
+            workers={index: f"worker process {pid}" for index, pid in culprits},
             who=f"worker process{plural} {who}",
             **common,
         )
