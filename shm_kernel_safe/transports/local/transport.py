@@ -206,6 +206,8 @@ class LocalTransport(Transport):
             self.ledger,
         )
         self.chunks[chunk.number] = chunk
+        if not self.futures:  # the stall clock starts with the first chunk queued
+            self.quiet_since = time.monotonic()
         if self.results_handle is None:
             self.unstacked.add(chunk.number)
         try:
