@@ -66,6 +66,10 @@ def check_start_method(start_method: str | None) -> str:
 #: run ends as stalled: far above a cold start under load (a few seconds).
 STALL_SECONDS = 60.0
 
+#: Seconds a worker may lie dead under a chunk, unreported by loky, before
+#: the run reports it itself.
+DEATH_GRACE = 5.0
+
 #: ``processes`` values already warned about (see LocalTransport).
 _warned_processes: set[int] = set()
 
@@ -138,6 +142,8 @@ class LocalTransport(Transport):
         self.next_row = 0
         self.first_block = 1
         self.quiet_since = time.monotonic()  # last time a chunk ran or came back
+        self.next_death_check = 0.0
+        self.seen_dead: dict[int, float] = {}  # pid -> when first seen dead
 
     def encode(
         self,
@@ -241,11 +247,33 @@ class LocalTransport(Transport):
                 raise self._lost(exc) from None
             del self.futures[fut]
             results.append(res)
+        now = time.monotonic()
         if results or not self.futures or self._any_running():
-            self.quiet_since = time.monotonic()
-        elif time.monotonic() - self.quiet_since > STALL_SECONDS:
+            self.quiet_since = now
+        elif now - self.quiet_since > STALL_SECONDS:
             raise self._stalled()
+        if self.futures and now >= self.next_death_check:
+            self.next_death_check = now + 1.0
+            unreported = self._dead_unreported(now)
+            if unreported:
+                raise self._lost(None, unreported)
         return results
+
+    def _dead_unreported(self, now: float) -> dict[int, int]:
+        """Workers dead for :data:`DEATH_GRACE` s under a chunk of ours that
+        loky has not reported (it notices a death within milliseconds; this
+        bounds the wait if it ever does not)."""
+        dead = {}
+        for chunk in self.futures.values():
+            block, row = self.rows[chunk.number]
+            table = self.blocks[block][0].table
+            pid = int(table[row, PID])
+            if table[row, STATE] not in (RUNNING, LOADING) or _platform.pid_alive(pid):
+                continue
+            seen = self.seen_dead.setdefault(pid, now)
+            if now - seen > DEATH_GRACE:
+                dead[pid] = -1
+        return dead
 
     def _any_running(self) -> bool:
         return any(
@@ -380,16 +408,20 @@ class LocalTransport(Transport):
         self.owned.append(handle.name)
         return handle
 
-    def _lost(self, exc: BaseException) -> WorkerLost:
+    def _lost(self, exc: BaseException | None, dead: dict[int, int] | None = None) -> WorkerLost:
         """What a broken pool took: which workers died on which items, and
-        what every chunk it held had completed (``WorkerLost.salvage``)."""
-        match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc))
+        what every chunk it held had completed (``WorkerLost.salvage``).
+
+        ``exc`` is loky's error; ``dead`` the workers found dead without it.
+        """
+        match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc or ""))
         codes = match.group(1) if match else ""
         how = f" (exit code {codes})" if codes else ""
         # The workers that died on their own, noted before loky killed the
         # others; then every worker is stopped and joined, so no counter in
         # the control block moves while it is read.
-        dead = dict(getattr(self.executor, "dead", {}) or {})
+        if dead is None:
+            dead = dict(getattr(self.executor, "dead", {}) or {})
         assert self.lease is not None
         self.lease.stop_workers()
         lost = sorted(self.futures.values(), key=lambda c: c.number)
