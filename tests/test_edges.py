@@ -226,7 +226,16 @@ def _slow_square(i):
 
 
 def _inner(i):
-    return int(sks.parallel_map(abs, range(-i, 1), processes=2).sum())
+    from shm_kernel_safe.transports.local import mp_helpers
+
+    try:
+        return int(sks.parallel_map(abs, range(-i, 1), processes=2).sum())
+    finally:
+        # The worker's own pool and helpers go now: killed with the outer
+        # pool, they would outlive it (and hold the parent's resource
+        # tracker open) until orphan handling catches them.
+        sks.shutdown_pools()
+        mp_helpers.stop_helpers()
 
 
 def test_nested_runs():
