@@ -7,6 +7,7 @@ always equals what the items wrote."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import gc
 import os
@@ -337,10 +338,12 @@ class RunsMachine(RuleBasedStateMachine):
         thread = threading.Thread(target=other)
         thread.start()
         out_a = self._run(n, rows_a)
-        thread.join(120)
+        thread.join(300)  # a hang guard: a lost worker ends a run within ~60 s
+        if thread.is_alive():
+            faulthandler.dump_traceback(all_threads=True)  # where it waits, for the log
         assert out_a.tolist() == list(range(n))
         self._check(np.ones(n, dtype=bool), rows_a)
-        out_b = outcome["b"]
+        out_b = outcome.get("b", "still running after 300 s")
         assert isinstance(out_b, np.ma.MaskedArray), out_b
         assert np.flatnonzero(out_b.mask).tolist() == [n // 2]
         self._check(~out_b.mask, rows_b)
