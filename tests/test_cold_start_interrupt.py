@@ -1,0 +1,89 @@
+"""A kernel interrupt that lands while a cold pool starts: the cell stops
+with the interrupt, nothing else is printed anywhere (the kernel's own
+stderr, which its helper processes share, and its output streams), nothing
+leaks (no "leaked semaphore" warning from a resource tracker at shutdown,
+/dev/shm as before), and the next call works."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from .helpers import shm_entries
+from .kernels import execute, kernel
+
+pytestmark = pytest.mark.timeout(420)
+
+#: Seconds after the cell starts; a cold pool takes ~0.3-2 s to start here
+#: (a forkserver importing numpy, then a fork or an interpreter per worker).
+DELAYS = (0.0, 0.15, 0.4, 0.8, 1.5)
+
+CELL = (
+    "%%shm_parallel nn in range(300) -n 2 --start-method {method} --progress none\n"
+    "time.sleep(0.02)\n"
+)
+
+
+def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, str]:
+    """Run ``code``, interrupt the kernel ``delay`` s after it is busy with
+    it; return the error's name (None if it completed) and every stream
+    text the kernel sent meanwhile, whatever cell it was attributed to."""
+    msg_id = client.execute(code)
+    streams, error = "", None
+    busy = False
+    while not busy:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["msg_type"] == "stream":
+            streams += msg["content"]["text"]
+        busy = (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "busy"
+        )
+    time.sleep(delay)
+    km.interrupt_kernel()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty as exc:
+            raise TimeoutError("the interrupted cell did not end") from exc
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            streams += content["text"]
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if kind == "error":
+            error = content["ename"]
+        if kind == "status" and content["execution_state"] == "idle":
+            break
+    while client.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
+        pass
+    return error, streams
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, tmp_path):
+    before = shm_entries()
+    errors = []
+    for delay in DELAYS:
+        log = tmp_path / f"kernel-stderr-{delay}.txt"
+        with open(log, "w") as fh, kernel("ipykernel", stderr=fh) as (km, client):
+            execute(client, "%load_ext shm_kernel_safe\nimport time")
+            error, streams = _interrupted_cell(km, client, CELL.format(method=method), delay)
+            errors.append(error)
+            assert error in ("ParallelInterrupt", "KeyboardInterrupt", None), (delay, error)
+            assert "Traceback" not in streams and "Error" not in streams, (delay, streams)
+            # The pool the interrupt met is usable, or replaced: the next call works.
+            res = execute(client, CELL.format(method=method).replace("300", "40"), timeout=120)
+            assert res["status"] == "ok", (delay, res)
+            assert "Traceback" not in res["stderr"], (delay, res["stderr"])
+            assert km.is_alive()
+        text = log.read_text()
+        assert "Traceback" not in text, (delay, text)
+        assert "leaked" not in text, (delay, text)
+        assert "KeyboardInterrupt" not in text, (delay, text)
+    assert errors.count(None) < len(DELAYS)  # the interrupts met running cells
+    assert shm_entries() == before
