@@ -140,3 +140,43 @@ def test_owner_killed_mid_run_leaves_no_process_and_runs_no_more_items(method, t
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_outer_workers_killed_during_nested_runs_leave_no_orphans(method, tmp_path):
     _run_and_kill(tmp_path, method, nested=True)
+
+
+OWNER = r"""
+import os, subprocess, sys, time
+watched = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]])
+print(watched.pid, flush=True)
+time.sleep(600)
+"""
+
+WATCHED = r"""
+import os, sys, time
+from shm_kernel_safe.transports.local import parent_watch
+if sys.argv[2] == "poll":
+    del os.pidfd_open  # a platform without pidfds
+parent_watch.watch_owner(int(sys.argv[1]))
+print("watching", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["pidfd", "poll"])
+def test_watch_owner_ends_the_process_when_its_owner_is_killed(how):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, WATCHED, how], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        watched = psutil.Process(int(owner.stdout.readline()))
+        assert owner.stdout.readline().strip() == "watching"
+        time.sleep(0.5)
+        assert _alive([watched])  # its owner lives: it stays
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + GONE_WITHIN
+        while _alive([watched]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive([watched])
+    finally:
+        owner.kill()
+        owner.wait(10)
+        owner.stdout.close()

@@ -31,6 +31,8 @@ import select
 import threading
 import time
 
+from ..._platform import pid_alive
+
 #: Seconds between liveness checks where there is no pidfd.
 POLL_INTERVAL = 0.2
 
@@ -44,16 +46,6 @@ def _owner_gone() -> None:
     os._exit(OWNER_GONE_EXIT)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wait_pidfd(fd: int) -> None:
     with contextlib.suppress(OSError):
         while True:
@@ -65,7 +57,7 @@ def _wait_pidfd(fd: int) -> None:
 
 def _poll(pid: int, direct_parent: bool) -> None:
     while True:
-        if (direct_parent and os.getppid() != pid) or not _alive(pid):
+        if (direct_parent and os.getppid() != pid) or not pid_alive(pid):
             _owner_gone()
         time.sleep(POLL_INTERVAL)
 
