@@ -23,7 +23,12 @@ DELAYS = (0.0, 0.15, 0.4, 0.8, 1.5)
 CELL = (
     "%%shm_parallel nn in range(300) -n 2 --start-method {method} --progress none\n"
     "time.sleep(0.02)\n"
+    "{use}\n"
 )
+
+#: A cell with a big input starts its pool in a background thread while the
+#: input is copied to shared memory; one without starts it in the call.
+USES = {"small-inputs": "nn", "big-input": "float(x[nn].sum())"}
 
 
 def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, str]:
@@ -64,20 +69,23 @@ def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, 
     return error, streams
 
 
+@pytest.mark.parametrize("use", list(USES))
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, tmp_path):
+def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, use, tmp_path):
+    cell = CELL.format(method=method, use=USES[use])
     before = shm_entries()
     errors = []
     for delay in DELAYS:
         log = tmp_path / f"kernel-stderr-{delay}.txt"
         with open(log, "w") as fh, kernel("ipykernel", stderr=fh) as (km, client):
-            execute(client, "%load_ext shm_kernel_safe\nimport time")
-            error, streams = _interrupted_cell(km, client, CELL.format(method=method), delay)
+            execute(client, "%load_ext shm_kernel_safe\nimport time\nimport numpy as np")
+            execute(client, "x = np.ones((200_000, 16))")  # 25.6 MB
+            error, streams = _interrupted_cell(km, client, cell, delay)
             errors.append(error)
             assert error in ("ParallelInterrupt", "KeyboardInterrupt", None), (delay, error)
             assert "Traceback" not in streams and "Error" not in streams, (delay, streams)
             # The pool the interrupt met is usable, or replaced: the next call works.
-            res = execute(client, CELL.format(method=method).replace("300", "40"), timeout=120)
+            res = execute(client, cell.replace("300", "40"), timeout=120)
             assert res["status"] == "ok", (delay, res)
             assert "Traceback" not in res["stderr"], (delay, res["stderr"])
             assert km.is_alive()
