@@ -6,12 +6,13 @@ leaks (no "leaked semaphore" warning from a resource tracker at shutdown,
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 
 import pytest
 
-from .helpers import shm_entries
+from .helpers import SHM_DIR, shm_entries
 from .kernels import execute, kernel
 
 pytestmark = pytest.mark.timeout(420)
@@ -74,6 +75,7 @@ def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, 
 def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, use, tmp_path):
     cell = CELL.format(method=method, use=USES[use])
     before = shm_entries()
+    semaphores = {e for e in os.listdir(SHM_DIR) if e.startswith("sem.")}
     errors = []
     for delay in DELAYS:
         log = tmp_path / f"kernel-stderr-{delay}.txt"
@@ -95,3 +97,4 @@ def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, use, tmp
         assert "KeyboardInterrupt" not in text, (delay, text)
     assert errors.count(None) < len(DELAYS)  # the interrupts met running cells
     assert shm_entries() == before
+    assert {e for e in os.listdir(SHM_DIR) if e.startswith("sem.")} <= semaphores

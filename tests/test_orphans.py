@@ -180,3 +180,43 @@ def test_watch_owner_ends_the_process_when_its_owner_is_killed(how):
         owner.kill()
         owner.wait(10)
         owner.stdout.close()
+
+
+KERNEL_CELL = (
+    "%%shm_parallel nn in range(1_000_000) -n 2 --start-method {method} --progress none\n"
+    "with open({side!r}, 'a') as fh:\n"
+    "    fh.write(f'{{time.time()}} {{os.getpid()}} {{nn}}\\n')\n"
+    "time.sleep(0.005)\n"
+    "float(x[nn % 40_000].sum())\n"
+)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_kernel_killed_mid_cell_leaves_no_process_and_runs_no_more_items(method, tmp_path):
+    """The OOM killer's way: a real ipykernel SIGKILLed while a cell runs.
+    ``kernel()`` also fails the test if any process it started outlives it."""
+    from .kernels import execute, kernel
+
+    before_shm, before_sems = shm_entries(), _semaphores()
+    side = str(tmp_path / "items.txt")
+    open(side, "w").close()
+    with kernel("ipykernel") as (km, client):
+        execute(client, "%load_ext shm_kernel_safe\nimport os, time\nimport numpy as np")
+        execute(client, "x = np.ones((40_000, 16))")
+        client.execute(KERNEL_CELL.format(method=method, side=side))
+        _wait_for(lambda: len(_lines(side)) >= 200, 90, "the cell never got going")
+        kernel_proc = psutil.Process(km.provisioner.process.pid)
+        tree = kernel_proc.children(recursive=True)
+        assert len(tree) >= 2
+        kernel_proc.kill()
+        killed_at = time.time()
+        deadline = time.monotonic() + GONE_WITHIN
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = [(p.pid, " ".join(p.cmdline())[:120]) for p in _alive(tree)]
+        assert not survivors, f"processes outlived their kernel: {survivors}"
+    late = [line for line in _lines(side) if float(line.split()[0]) > killed_at + 1.0]
+    assert not late, f"{len(late)} items started more than 1 s after the kill: {late[:3]}"
+    cleanup_stale()
+    assert shm_entries() <= before_shm
+    assert _semaphores() <= before_sems, sorted(_semaphores() - before_sems)
