@@ -16,11 +16,15 @@ on a pidfd of the owner, which becomes readable when the owner exits: no
 polling, no pid-reuse race after it is opened. Elsewhere it polls every
 :data:`POLL_INTERVAL` seconds.
 
+The thread needs the GIL to act: an item stuck in C code that holds it
+(a pathological regular expression) keeps its worker until it returns.
+
 ``PR_SET_PDEATHSIG`` is not used: it fires when the *thread* that forked
 the child exits, and loky starts workers from whichever thread submits or
 from its manager thread (ours include short-lived start-up threads), so it
-would kill healthy workers; and under forkserver the parent is the wrong
-process anyway.
+would kill healthy workers. Under forkserver the parent is the forkserver,
+which outlives the owner for as long as any of its children holds the
+"alive" pipe it handed them: the workers themselves.
 """
 
 from __future__ import annotations
