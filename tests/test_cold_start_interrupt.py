@@ -10,6 +10,7 @@ import os
 import queue
 import time
 
+import psutil
 import pytest
 
 from .helpers import SHM_DIR, shm_entries
@@ -17,9 +18,12 @@ from .kernels import execute, kernel
 
 pytestmark = pytest.mark.timeout(420)
 
-#: Seconds after the cell starts; a cold pool takes ~0.3-2 s to start here
+#: Seconds after the kernel's first child process appears (the forkserver,
+#: a resource tracker or a worker): a cold pool takes ~0.3-2 s to start here
 #: (a forkserver importing numpy, then a fork or an interpreter per worker).
-DELAYS = (0.0, 0.15, 0.4, 0.8, 1.5)
+#: Not timed from the cell's start: an interrupt that lands in ipykernel's
+#: own message handling, before the cell runs, is ipykernel's to report.
+DELAYS = (0.0, 0.05, 0.15, 0.4, 1.0)
 
 CELL = (
     "%%shm_parallel nn in range(300) -n 2 --start-method {method} --progress none\n"
@@ -33,8 +37,8 @@ USES = {"small-inputs": "nn", "big-input": "float(x[nn].sum())"}
 
 
 def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, str]:
-    """Run ``code``, interrupt the kernel ``delay`` s after it is busy with
-    it; return the error's name (None if it completed) and every stream
+    """Run ``code``, interrupt the kernel ``delay`` s after its pool began to
+    start; return the error's name (None if it completed) and every stream
     text the kernel sent meanwhile, whatever cell it was attributed to."""
     msg_id = client.execute(code)
     streams, error = "", None
@@ -48,6 +52,10 @@ def _interrupted_cell(km, client, code: str, delay: float) -> tuple[str | None, 
             and msg["msg_type"] == "status"
             and msg["content"]["execution_state"] == "busy"
         )
+    kernel_proc = psutil.Process(km.provisioner.process.pid)
+    deadline = time.monotonic() + 60
+    while not kernel_proc.children() and time.monotonic() < deadline:
+        time.sleep(0.002)
     time.sleep(delay)
     km.interrupt_kernel()
     deadline = time.monotonic() + 90
