@@ -220,3 +220,44 @@ def test_kernel_killed_mid_cell_leaves_no_process_and_runs_no_more_items(method,
     cleanup_stale()
     assert shm_entries() <= before_shm
     assert _semaphores() <= before_sems, sorted(_semaphores() - before_sems)
+
+
+GIL_HOLDER = r"""
+import os, re, sys
+import shm_kernel_safe as sks
+
+def stuck(i):
+    print(os.getpid(), flush=True)
+    # Backtracks for ages inside the re module, which never releases the GIL.
+    return bool(re.match(r"(a+)+$", "a" * 64 + "b"))
+
+sks.parallel_map(stuck, range(2), processes=2, chunksize=1, start_method="forkserver")
+"""
+
+
+def test_forkserver_workers_stuck_holding_the_gil_die_with_their_owner(tmp_path):
+    """A watching thread cannot run while an item holds the GIL; under
+    forkserver the kernel kills the worker when the forkserver exits."""
+    script = tmp_path / "owner.py"
+    script.write_text(GIL_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    tree: list[psutil.Process] = []
+    try:
+        workers = [psutil.Process(int(proc.stdout.readline())) for _ in range(2)]
+        tree = [*psutil.Process(proc.pid).children(recursive=True), *workers]
+        time.sleep(0.5)
+        assert len(_alive(workers)) == 2  # still stuck in their items
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + GONE_WITHIN
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = [(p.pid, " ".join(p.cmdline())[:120]) for p in _alive(tree)]
+        assert not survivors, f"processes outlived their owner: {survivors}"
+    finally:
+        for p in _alive(tree):
+            p.kill()
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    cleanup_stale()

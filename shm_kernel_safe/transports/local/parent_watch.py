@@ -16,15 +16,19 @@ on a pidfd of the owner, which becomes readable when the owner exits: no
 polling, no pid-reuse race after it is opened. Elsewhere it polls every
 :data:`POLL_INTERVAL` seconds.
 
-The thread needs the GIL to act: an item stuck in C code that holds it
-(a pathological regular expression) keeps its worker until it returns.
+The thread needs the GIL to act: an item stuck in C code that holds it (a
+pathological regular expression) would keep its worker. Under forkserver
+(the default) the kernel also kills the worker, with no GIL needed: it asks
+for SIGKILL when its parent, the forkserver, exits (``PR_SET_PDEATHSIG``),
+and closes its copy of the forkserver's "alive" pipe, so that the
+forkserver exits as soon as the owner is gone rather than when its last
+child is (a worker's own nested pools start their own forkserver).
 
-``PR_SET_PDEATHSIG`` is not used: it fires when the *thread* that forked
-the child exits, and loky starts workers from whichever thread submits or
-from its manager thread (ours include short-lived start-up threads), so it
-would kill healthy workers. Under forkserver the parent is the forkserver,
-which outlives the owner for as long as any of its children holds the
-"alive" pipe it handed them: the workers themselves.
+``PR_SET_PDEATHSIG`` is not used where the owner is the parent (spawn,
+fork): it fires when the *thread* that forked the child exits, and loky
+starts workers from whichever thread submits or from its manager thread
+(ours include a short-lived start-up thread), so it would kill healthy
+workers.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import sys
 import threading
 import time
 
@@ -42,6 +47,31 @@ POLL_INTERVAL = 0.2
 
 #: Exit status of a worker that ended because its pool's owner was gone.
 OWNER_GONE_EXIT = 75
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_forkserver() -> None:
+    """SIGKILL this forkserver child when the forkserver exits, and let the
+    forkserver exit with the owner (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    from multiprocessing import forkserver
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive, int) and getattr(server, "_forkserver_pid", None) is None:
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        server._forkserver_alive_fd = None
 
 
 def _owner_gone() -> None:
@@ -80,6 +110,8 @@ def watch_owner(owner_pid: int) -> None:
     """
     if owner_pid == os.getpid():
         return
+    if os.getppid() != owner_pid:  # a forkserver's child: one thread, exits with the owner
+        _die_with_forkserver()
     pidfd_open = getattr(os, "pidfd_open", None)
     fd = None
     if pidfd_open is not None:
