@@ -4,16 +4,14 @@ makes. It picks a transport by name and hands the run to the engine."""
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from .engine import sharing
+from .engine.callsite import warn_at_caller
 from .engine.progress import make_progress
-from .engine.protocol import Subset
-from .engine.results import finish, prior_values
 from .engine.run import (
     ProgressCallback,
     Run,
@@ -23,7 +21,7 @@ from .engine.run import (
 )
 from .engine.threads import check_threads
 from .engine.transport import Inputs, Transport
-from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning, PartialResults
+from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning
 from .transports.local.transport import LocalTransport
 from .transports.local.transport import prestart as _prestart_local
 from .transports.serial import SerialTransport
@@ -281,34 +279,28 @@ def parallel_map(
         client=client,
         threads_per_worker=threads_per_worker,
     )
-    prior = _prior(resume, len(seq))
     _last.errors = None
-    todo = None if prior is None else np.flatnonzero(~prior[0])
-    if len(seq) == 0 or (todo is not None and len(todo) == 0):
-        return [] if prior is None else finish(prior_values(prior[1], prior[0]), prior[0])
     inputs = Inputs(share_threshold, tuple(share), outputs)
     # A display made here (progress given as a mode) is ours to close, also
     # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
     callback = display if isinstance(progress, str) else progress
-    run = Run(
-        fn,
-        seq if todo is None else Subset(seq, todo),
-        transport,
-        chunksize=chunksize,
-        timeout=timeout,
-        inputs=inputs,
-        progress=callback,
-        errors=errors,
-        retries=retries,
-        item_timeout=item_timeout,
-        positions=todo,
-    )
     try:
+        run = Run(
+            fn,
+            seq,
+            transport,
+            chunksize=chunksize,
+            timeout=timeout,
+            inputs=inputs,
+            progress=callback,
+            errors=errors,
+            retries=retries,
+            item_timeout=item_timeout,
+            resume=resume,  # checked, and merged once, by the run
+        )
         result = run.execute()
     except BaseException as exc:
-        if prior is not None and isinstance(exc, PartialResults) and exc.done is not None:
-            exc.done, exc.partial = _merged(prior, todo, run)
         if display is not None:
             display.close(error=exc)
         raise
@@ -316,47 +308,10 @@ def parallel_map(
         transport.release()
     if display is not None:
         display.close()
-    if prior is not None:
-        done, result = _merged(prior, todo, run)
-    else:
-        done = run.done
-    if run.failures:
-        failed = FailedItems([run.failures[i] for i in sorted(run.failures)], done.copy(), result)
-        _last.errors = failed
-        warnings.warn(ItemsFailedWarning(failed.summary(), failed), stacklevel=2)
+    if run.failed_items:
+        _last.errors = run.failed_items
+        warn_at_caller(ItemsFailedWarning(run.failed_items.summary(), run.failed_items))
     return result
-
-
-def _prior(resume: Any, n_items: int) -> tuple[np.ndarray, Any] | None:
-    """(done, partial) of the run to resume, checked against these items."""
-    if resume is None:
-        return None
-    done = getattr(resume, "done", None)
-    if done is None or not hasattr(resume, "partial"):
-        raise InvalidArgumentError(
-            "resume",
-            "must be an error raised by parallel_map (with .done and .partial) or "
-            f"shm_kernel_safe.last_errors(), got {type(resume).__name__}",
-        )
-    done = np.asarray(done, dtype=bool)
-    if done.shape != (n_items,):
-        raise InvalidArgumentError(
-            "resume",
-            f"is from a run of {done.size} items; these are {n_items} "
-            f"(resume the same items the failed run had)",
-        )
-    return done, resume.partial
-
-
-def _merged(prior: tuple[np.ndarray, Any], todo: np.ndarray | None, run: Run) -> tuple:
-    """(done, result) of an earlier run completed by ``run``, which ran ``todo``."""
-    done = prior[0].copy()
-    values = prior_values(prior[1], prior[0])
-    ran = run.values()
-    for k in np.flatnonzero(run.done):
-        values[todo[k]] = ran[k]  # type: ignore[index]
-    done[todo] = run.done
-    return done, finish(values, done)
 
 
 def prestart(

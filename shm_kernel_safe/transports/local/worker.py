@@ -125,7 +125,7 @@ def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> boo
                 return True
             return False
         if (
-            isinstance(value, np.ndarray)
+            type(value) is np.ndarray  # a subclass (a masked array) travels as it is
             and value.shape == out.shape[1:]
             and value.dtype == out.dtype
         ):
