@@ -38,9 +38,10 @@ def last_errors() -> FailedItems:
     With ``errors="continue"`` a run goes on past failing items and only
     warns; this returns one error per failed item (a ``TaskError`` with the
     item and the remote traceback, or a ``WorkerDiedError``), in item
-    order. It also carries the run's ``done`` and ``partial``, so
+    order. It also carries the run's ``done``, ``partial`` and ``run``, so
     ``parallel_map(fn, items, resume=sks.last_errors())`` re-runs just the
-    failed items. Empty when the last call had no failed item.
+    failed items. Empty when the last call had no failed item (``resume=``
+    then refuses it: there is nothing to resume).
 
     Returns
     -------
@@ -181,10 +182,11 @@ def parallel_map(
     share : iterable of ndarray
         Arrays to share whatever their size.
     out : iterable of ndarray
-        Arrays ``fn`` writes into (``y[i] = ...``): after a successful call
-        the caller's own array objects hold the writes (in place when they
-        already live in shared memory, else copied back; on error an array
-        that was not shared is left as it was).
+        Arrays ``fn`` writes into (``y[i] = ...``): the caller's own array
+        objects hold the writes (in place when they already live in shared
+        memory, else copied back when the call ends). On error too: the
+        writes of the items that completed have landed, and those a failing
+        item made before it failed may have.
     progress : {"auto", "widget", "text", "none"} or callable, optional
         A widget bar in Jupyter and a text bar elsewhere (``"auto"``), or
         ``progress(done, total)`` called from this thread at most ten times
@@ -215,7 +217,12 @@ def parallel_map(
     resume : exception or FailedItems, optional
         What an earlier call of the same ``fn`` over the same ``items``
         completed (an error it raised, or :func:`last_errors`): only the
-        items not done run, and the complete result is returned.
+        items not done run, and the complete result is returned. Refused
+        (``InvalidArgumentError``) when it cannot be merged safely: other
+        items (checked by an XXH3 fingerprint), ``out=`` arrays that are
+        not the objects that run wrote, an error that records no run, or
+        ``last_errors()`` of a run without failures. A function whose code
+        changed only warns (:class:`ResumeFunctionChangedWarning`).
     threads_per_worker : int, optional
         BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
         Default: the usable CPUs divided by the workers, at least 1, so that
@@ -226,16 +233,25 @@ def parallel_map(
     Returns
     -------
     numpy.ndarray, numpy.ma.MaskedArray or list
-        An ndarray when the results are numbers or equal-shape arrays, else
-        a list; always memory the caller owns, never a view of shared
-        memory. With ``errors="continue"`` and failed items: a masked array
-        masked where they failed, or a list with None there.
+        One rule on every backend, always memory the caller owns:
+
+        =====================================  ==============================
+        per-item results                       returned
+        =====================================  ==============================
+        numbers (scalars, 0-d arrays)          1-d ndarray (common dtype)
+        non-object arrays of one shape         ndarray ``(n, *shape)``
+        either, some items not done            MaskedArray, masked there
+        either, some masked elements           MaskedArray keeping them
+        anything else                          list (None where not done)
+        no items                               ``[]``
+        =====================================  ==============================
 
     Raises
     ------
     TaskError
-        An item raised; names the item and carries the remote traceback
-        (``__cause__`` is the original exception when it could be pickled).
+        An item raised, or returned a result that cannot be pickled; names
+        the item and carries its traceback (``__cause__`` is the original
+        exception, with its arguments, when it could be pickled).
     WorkerDiedError
         A worker died (segfault, ``os._exit``, OOM kill); names its item.
     ParallelTimeoutError
@@ -252,6 +268,9 @@ def parallel_map(
         An argument is invalid (also a ``ValueError``; the ``TypeError``
         subclass :class:`InvalidArgumentTypeError` for wrong types), raised
         before any process starts.
+    SharedMemoryCapacityError
+        An input, ``out=`` array or the results do not fit in the free
+        space of ``/dev/shm`` (also a ``MemoryError``).
     DaskBackendError
         The dask backend cannot run (``distributed`` missing, scheduler
         unreachable).
