@@ -121,11 +121,16 @@ class ChunkResult:
             break
 
 
+#: Protocol 4: an array comes back as a writable copy. (Protocol 5 keeps a
+#: read-only array's bytes in-band, and it would unpickle read-only.)
+_PROTOCOL = 4
+
+
 def _dumps(state: dict[str, Any]) -> bytes:
     try:
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(state, protocol=_PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)  # lambdas, local classes
+        return cloudpickle.dumps(state, protocol=_PROTOCOL)  # lambdas, local classes
 
 
 def _chunk_result_from(data: bytes) -> ChunkResult:
