@@ -50,7 +50,7 @@ def test_the_error_records_its_run_and_resume_completes_it(kw):
 def test_other_items_of_the_same_length_are_refused(kw):
     err = failed_run(kw)
     other = list(range(1000, 1000 + N))  # 400 items, other values
-    with pytest.raises(sks.InvalidArgumentError, match="from another run .*items differ") as info:
+    with pytest.raises(sks.InvalidArgumentError, match=r"from another run .*items differ") as info:
         sks.parallel_map(failing_at(-1), other, resume=err, **kw)
     assert err.run.id in str(info.value) and info.value.argument == "resume"
     # Another run's error with other items, the same count: refused too.
@@ -126,9 +126,8 @@ def test_last_errors_resume_and_a_resumed_failure_resume_again(kw):
             raise KeyError(i)
         return float(i)
 
-    with pytest.warns(sks.ResumeFunctionChangedWarning):
-        with pytest.raises(sks.TaskError) as info:
-            sks.parallel_map(still_250, range(N), resume=first, **kw)
+    with pytest.warns(sks.ResumeFunctionChangedWarning), pytest.raises(sks.TaskError) as info:
+        sks.parallel_map(still_250, range(N), resume=first, **kw)
     err = info.value
     assert err.index == 250 and err.done.sum() == N - 1  # merged: the prior's done + item 17
     assert err.run.items == first.run.items
