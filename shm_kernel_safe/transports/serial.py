@@ -11,7 +11,9 @@ Differences, by nature: the function may modify the arrays it reads
 (workers get read-only views); ``out=`` arrays are written directly, so
 they also hold the writes of a run that failed; a ``timeout`` stops the
 run between items (an item running is not interrupted); Ctrl-C raises
-``KeyboardInterrupt`` from inside the item.
+``KeyboardInterrupt`` from inside the item. What it keeps the same on
+purpose: results must pickle (a result that could not come back from a
+worker fails its item here too), and the results are copies.
 """
 
 from __future__ import annotations
