@@ -128,7 +128,10 @@ def fingerprint_items(items: Any) -> str:
         try:
             h.update(cloudpickle.dumps(items, protocol=5, buffer_callback=_hashing(h)))
         except Exception:  # items that do not pickle (a serial run): their repr and identity
-            h.update(f"{id(items)} {items!r}".encode())
+            try:
+                h.update(f"{id(items)} {items!r}".encode())
+            except Exception:  # not even a repr: only the same object matches
+                h.update(f"{id(items)}".encode())
     return h.hexdigest()
 
 
