@@ -169,8 +169,9 @@ class ShmMagics(Magics):
     @argument(
         "--resume",
         action="store_true",
-        help="run only the items the last failed or interrupted run of this cell "
-        "did not complete, and merge with what it kept",
+        help="run only the items the last failed or interrupted run of this loop (the "
+        "same variable, items, --out and --result) did not complete, and merge with what "
+        "it kept",
     )
     @cell_magic
     def shm_parallel(self, line: str, cell: str) -> None:
