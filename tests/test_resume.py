@@ -155,6 +155,7 @@ def test_magic_resume_is_keyed_on_the_parsed_line():
             kc, "%%shm_parallel nn in range( 20 ) --resume   -r r --progress none --out y\n" + cell
         )
         assert res["status"] == "ok", res
+        assert "ResumeFunctionChangedWarning" not in res["stderr"]  # the same cell's code
         assert evaluate(kc, "bool(np.array_equal(r, np.arange(20) * 2))") == "True"
         assert evaluate(kc, "bool(np.array_equal(y, np.arange(20) + 1.0))") == "True"
         # Another loop (other items) has no failed run to resume.
