@@ -179,3 +179,10 @@ def test_magic_resume_is_keyed_on_the_parsed_line():
         assert res["status"] == "ok", res
         assert "ItemsFailedWarning" in res["stderr"], res
         assert "shm_kernel_safe" not in res["stderr"].split("ItemsFailedWarning")[0], res["stderr"]
+        # The cell fixed after a failure resumes, warning at the cell that its code changed.
+        execute(kc, "bad = set()")
+        res = execute(kc, "%%shm_parallel nn in range(20) -r r --resume\n" + cell + "nn * 2 + 0\n")
+        assert res["status"] == "ok" and "ResumeFunctionChangedWarning" in res["stderr"], res
+        warned = res["stderr"].split("ResumeFunctionChangedWarning")[0]
+        assert warned and "shm_kernel_safe" not in warned, res["stderr"]
+        assert evaluate(kc, "bool(np.array_equal(r, np.arange(20) * 2))") == "True"
