@@ -255,10 +255,14 @@ PEERS = (FIXED_HALVES, STDLIB_ONCE, STDLIB_PER_TASK, MPIRE, JOBLIB_WARM)
 OURS_WARM = (ORDINARY[1], PRE_SHARED)
 
 
-def per_round_vs_best(results: dict[str, list[float]], name: str) -> list[float]:
-    """Each round's best peer time over ``name``'s time in the same round."""
-    peers = [p for p in PEERS if p in results]
-    return [min(results[p][r] for p in peers) / t for r, t in enumerate(results[name])]
+def per_round_vs(results: dict[str, list[float]], name: str, peer: str) -> list[float]:
+    """``peer``'s time over ``name``'s time, round by round (> 1: ``name`` is faster).
+
+    Always against one fixed peer (the best one by its median), never the
+    fastest peer *of each round*: the minimum of five noisy times is biased
+    low, and would make any single contender look slower than it is.
+    """
+    return [p / t for p, t in zip(results[peer], results[name], strict=True)]
 
 
 def main() -> None:
@@ -533,7 +537,14 @@ def main() -> None:
         if name in times:
             t = times[name]
             print(f"{name:72s} {t:9.3f} {ideal / t:9.2f} {best / t:12.2f}")
-    vs_best = {name: per_round_vs_best(results, name) for name in OURS_WARM if name in results}
+    vs_best = {
+        name: per_round_vs(results, name, best_name) for name in OURS_WARM if name in results
+    }
+    vs_each = {
+        name: {peer: statistics.median(per_round_vs(results, name, peer)) for peer in peers}
+        for name in OURS_WARM
+        if name in results
+    }
     out = {
         "rows": args.rows,
         "mode": args.mode,
@@ -550,6 +561,7 @@ def main() -> None:
         "best_peer": best_name,
         "vs_best_peer_rounds": vs_best,
         "vs_best_peer": {n: statistics.median(v) for n, v in vs_best.items()},
+        "vs_each_peer": vs_each,
         "pss_peak_mb": pss_peak,
         "load_avg_1min": loads,
     }

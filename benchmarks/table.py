@@ -7,6 +7,7 @@ python benchmarks/table.py benchmarks/results/dask_ms_1M.json benchmarks/results
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 IDEAL = "ideal: serial time / workers (not a run)"
@@ -29,6 +30,16 @@ ORDER = [
     "parallel_map warm, x pre-shared (zero copy)",
     "parallel_map warm, x pre-shared, text progress bar",
 ]
+PEERS = (
+    "fixed halves: 2 forked processes, no messages (peer)",
+    "stdlib Pool, attach once per worker (peer)",
+    "mpire WorkerPool, fork, x as shared object (peer; pool start timed)",
+    "stdlib Pool, attach per task (the question)",
+    "joblib (loky, auto-memmap) warm",
+)
+SHORT = dict(
+    zip(PEERS, ["fixed halves", "stdlib attach-once", "mpire", "stdlib per task", "joblib"])
+)
 OURS_WARM = (
     "parallel_map warm, x ordinary, 2nd call (cached copy reused)",
     "parallel_map warm, x pre-shared (zero copy)",
@@ -57,17 +68,31 @@ def _us(value: float) -> str:
     return f"{value:.1f} us" if value >= 0 else "below the noise"
 
 
+def vs_peer(run: dict, name: str, peer: str) -> tuple[float, list[float]]:
+    """Median of per-round ratios ``peer time / name time``, and the ratios."""
+    times = run["all_times"]
+    ratios = [p / t for p, t in zip(times[peer], times[name], strict=True)]
+    return statistics.median(ratios), ratios
+
+
 def summary(run: dict) -> str:
-    ratios = run["vs_best_peer_rounds"]
-    parts = [f"best peer: {run['best_peer']}"]
+    best = run["best_peer"]
+    parts = [f"best peer by median: {SHORT[best]}"]
+    peers = [p for p in PEERS if p in run["all_times"]]
     for name in OURS_WARM:
-        if name in ratios:
-            rounds = ", ".join(f"{r:.2f}" for r in ratios[name])
-            parts.append(
-                f"{name.removeprefix('parallel_map warm, ')}: "
-                f"{run['vs_best_peer'][name]:.2f} x the best peer's speed "
-                f"(median of per-round ratios: {rounds})"
-            )
+        if name not in run["all_times"]:
+            continue
+        median, ratios = vs_peer(run, name, best)
+        others = ", ".join(
+            f"{SHORT[p]} {vs_peer(run, name, p)[0]:.2f}"
+            for p in peers
+            if p != best
+        )
+        parts.append(
+            f"{name.removeprefix('parallel_map warm, ')}: {median:.2f} x the best peer's "
+            f"speed as the median of per-round ratios ({', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"against the other peers: {others})"
+        )
     if "cold_vs_best_peer" in run:
         parts.append(f"cold parallel_map {run['cold_vs_best_peer']:.2f} x the best peer's time")
     ov = run["overhead_us"]
