@@ -38,7 +38,11 @@ PEERS = (
     "joblib (loky, auto-memmap) warm",
 )
 SHORT = dict(
-    zip(PEERS, ["fixed halves", "stdlib attach-once", "mpire", "stdlib per task", "joblib"])
+    zip(
+        PEERS,
+        ["fixed halves", "stdlib attach-once", "mpire", "stdlib per task", "joblib"],
+        strict=True,
+    )
 )
 OURS_WARM = (
     "parallel_map warm, x ordinary, 2nd call (cached copy reused)",
@@ -83,11 +87,7 @@ def summary(run: dict) -> str:
         if name not in run["all_times"]:
             continue
         median, ratios = vs_peer(run, name, best)
-        others = ", ".join(
-            f"{SHORT[p]} {vs_peer(run, name, p)[0]:.2f}"
-            for p in peers
-            if p != best
-        )
+        others = ", ".join(f"{SHORT[p]} {vs_peer(run, name, p)[0]:.2f}" for p in peers if p != best)
         parts.append(
             f"{name.removeprefix('parallel_map warm, ')}: {median:.2f} x the best peer's "
             f"speed as the median of per-round ratios ({', '.join(f'{r:.2f}' for r in ratios)}; "
