@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from table import IDEAL, _head, measured
+from table import IDEAL, ORDER, PEERS, _head, measured
 
 _CELL = re.compile(r"([\d.]+) s \(([\d.]+) of ideal, ([\d.]+) of best peer\)")
 
@@ -76,7 +76,7 @@ def from_json(paths: list[Path]) -> list[Run]:
             Run(
                 _head(run),
                 measured(run),
-                {name: best / t for name, t in run["times"].items()},
+                {n: best / run["times"][n] for n in ORDER if n in run["times"]},
                 best / run["ideal_s"],
             )
         )
@@ -93,7 +93,7 @@ def plot(run: Run, output: Path) -> None:
     values = [run.speed[n] for n in names]
     fig, ax = plt.subplots(figsize=(10, 0.36 * len(names) + 1.9), dpi=110)
     colors = [
-        "tab:blue" if n.startswith("parallel_map") else "tab:gray" if "peer" in n else "silver"
+        "tab:blue" if n.startswith("parallel_map") else "tab:gray" if n in PEERS else "silver"
         for n in names
     ]
     ax.barh(range(len(names)), values, color=colors, height=0.7)
