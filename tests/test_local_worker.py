@@ -84,3 +84,27 @@ def test_keep_going_counts_failed_items_too(chunk_of):
     assert set(result.failed) == {13} and result.error is None
     assert result.done == 6 and row[control.DONE] == 6
     assert out[14:16].tolist() == [7.0, 7.5]
+
+
+def test_a_chunk_times_its_items_not_the_warning_recorder(monkeypatch):
+    # The one-item probe's ``seconds`` sizes the run's smallest chunk: set-up
+    # around the items (here made slow on purpose) must not count.
+    import contextlib
+    import time
+
+    from shm_kernel_safe.engine import chunk_loop, worker_warnings
+    from shm_kernel_safe.engine.protocol import ChunkResult
+
+    real = worker_warnings.recording
+
+    @contextlib.contextmanager
+    def slow_recording(items):
+        time.sleep(1.0)
+        with real(items) as seen:
+            yield seen
+
+    monkeypatch.setattr(chunk_loop.worker_warnings, "recording", slow_recording)
+    t0 = time.perf_counter()
+    result = chunk_loop.run_items(abs, [-1], 0, 1, ChunkResult(0))
+    assert time.perf_counter() - t0 >= 1.0 and result.done == 1
+    assert result.seconds < 1.0
