@@ -8,7 +8,8 @@ fastest hand-written contender of that run), more is faster; the dotted
 line is the ideal (serial time / workers), which nothing reaches.
 
 python benchmarks/plot.py --readme README.md --outdir docs/_static
-python benchmarks/plot.py results/ms_1M.json results/tiny_1M.json --outdir plots
+python benchmarks/plot.py benchmarks/results/ms_1M.json benchmarks/results/tiny_1M.json \
+    --outdir plots
 
 With ``--readme`` the numbers come from the benchmark table in the README
 (the published one; the docs build uses this), else from the ``--json``
