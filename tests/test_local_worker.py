@@ -18,7 +18,7 @@ from shm_kernel_safe.engine.protocol import Payload
 from shm_kernel_safe.memory.arrays import empty, handle_of
 from shm_kernel_safe.transports.local import control
 from shm_kernel_safe.transports.local.control import ControlBlock
-from shm_kernel_safe.transports.local.worker import ChunkTask, run_chunk
+from shm_kernel_safe.transports.local.worker import MISFIT, ChunkTask, read_log, run_chunk
 
 
 def item(i: int) -> float:
@@ -33,7 +33,14 @@ def item(i: int) -> float:
 def chunk_of():
     held = []
 
-    def make(start: int, stop: int, *, keep_going: bool = False, track_time: bool = False):
+    def make(
+        start: int,
+        stop: int,
+        *,
+        keep_going: bool = False,
+        track_time: bool = False,
+        ledger: str | None = None,
+    ):
         data, report = sharing.dumps(Payload(item, range(20)))
         buf = empty(len(data), dtype=np.uint8)
         buf[:] = np.frombuffer(data, dtype=np.uint8)
@@ -53,6 +60,7 @@ def chunk_of():
             float,
             keep_going,
             track_time,
+            ledger,
         )
         return run_chunk(task), ctrl.table[1], out
 
@@ -70,6 +78,15 @@ def test_done_count_covers_stored_results(chunk_of, track_time):
     assert result.misfits == {7: 7} and type(result.misfits[7]) is int
     assert out[2:12].tolist() == [i * 0.5 if i != 7 else -1.0 for i in range(2, 12)]
     assert out[12] == -1.0  # nothing written past the chunk
+
+
+def test_a_result_that_does_not_stack_is_logged_before_it_is_counted(chunk_of, tmp_path):
+    # The log is what the parent reads if the worker dies: every item the
+    # control block counts as done must have its misfit there.
+    ledger = str(tmp_path / "ledger-")
+    result, row, _ = chunk_of(5, 9, ledger=ledger)
+    assert result.done == 4 and row[control.DONE] == 4 and result.misfits == {7: 7}
+    assert read_log(f"{ledger}1", int(row[control.LOG_END])) == [(7, MISFIT, 7)]
 
 
 def test_a_failed_item_stops_the_chunk_after_the_done_ones(chunk_of):
