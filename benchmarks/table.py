@@ -10,11 +10,15 @@ import json
 import statistics
 import sys
 
+IDEAL = "ideal: serial time / workers (not a run)"
+BEST = "best peer"
 ORDER = [
+    IDEAL,
     "serial loop",
-    "floor: forked halves, no messages",
+    "fixed halves: 2 forked processes, no messages (peer)",
+    "stdlib Pool, attach once per worker (peer)",
+    "mpire WorkerPool, fork, x as shared object (peer; pool start timed)",
     "stdlib Pool, attach per task (the question)",
-    "stdlib Pool, attach once per worker",
     "joblib (loky, auto-memmap) cold",
     "joblib (loky, auto-memmap) warm",
     "parallel_map cold (pool start included)",
@@ -26,57 +30,101 @@ ORDER = [
     "parallel_map warm, x pre-shared (zero copy)",
     "parallel_map warm, x pre-shared, text progress bar",
 ]
+PEERS = (
+    "fixed halves: 2 forked processes, no messages (peer)",
+    "stdlib Pool, attach once per worker (peer)",
+    "mpire WorkerPool, fork, x as shared object (peer; pool start timed)",
+    "stdlib Pool, attach per task (the question)",
+    "joblib (loky, auto-memmap) warm",
+)
+SHORT = dict(
+    zip(
+        PEERS,
+        ["fixed halves", "stdlib attach-once", "mpire", "stdlib per task", "joblib"],
+        strict=True,
+    )
+)
+OURS_WARM = (
+    "parallel_map warm, x ordinary, 2nd call (cached copy reused)",
+    "parallel_map warm, x pre-shared (zero copy)",
+)
 
 
 def cell(run: dict, name: str) -> str:
+    """``median s (speed as a fraction of the ideal, speed relative to the best peer)``."""
     times = run["times"]
+    ideal, best = run["ideal_s"], times[run["best_peer"]]
+    if name == IDEAL:
+        return f"{ideal:.2f} s (1.00 of ideal, {best / ideal:.2f} of best peer)"
     if name not in times:
-        return "(not measured)"
+        return "(not run)"
     t = times[name]
-    serial = times["serial loop"]
-    floor = times["floor: forked halves, no messages"]
-    return f"{t:.2f} s ({serial / t:.2f}x serial, {floor / t:.2f} of floor)"
+    return f"{t:.2f} s ({ideal / t:.2f} of ideal, {best / t:.2f} of best peer)"
 
 
-def _median_of_round_ratios(run: dict, name: str) -> float:
-    floor = run["all_times"]["floor: forked halves, no messages"]
-    return statistics.median(f / t for f, t in zip(floor, run["all_times"][name], strict=True))
+def _pct(value: float) -> str:
+    # A negative cost is noise (the contender's rounds fell on a quieter
+    # moment than its baseline's); it is said so, never printed as a gain.
+    return f"+{value:.1f}%" if value >= 0 else f"none measurable ({value:+.1f}%, noise)"
 
 
-def _round_ratios(run: dict, name: str) -> str:
-    floor = run["all_times"]["floor: forked halves, no messages"]
-    ratios = [f / t for f, t in zip(floor, run["all_times"][name], strict=True)]
-    return ", ".join(f"{r:.2f}" for r in ratios)
+def _us(value: float) -> str:
+    return f"{value:.1f} us" if value >= 0 else "below the noise"
+
+
+def vs_peer(run: dict, name: str, peer: str) -> tuple[float, list[float]]:
+    """Median of per-round ratios ``peer time / name time``, and the ratios."""
+    times = run["all_times"]
+    ratios = [p / t for p, t in zip(times[peer], times[name], strict=True)]
+    return statistics.median(ratios), ratios
 
 
 def summary(run: dict) -> str:
+    best = run["best_peer"]
+    parts = [f"best peer by median: {SHORT[best]}"]
+    peers = [p for p in PEERS if p in run["all_times"]]
+    for name in OURS_WARM:
+        if name not in run["all_times"]:
+            continue
+        median, ratios = vs_peer(run, name, best)
+        others = ", ".join(f"{SHORT[p]} {vs_peer(run, name, p)[0]:.2f}" for p in peers if p != best)
+        parts.append(
+            f"{name.removeprefix('parallel_map warm, ')}: {median:.2f} x the best peer's "
+            f"speed as the median of per-round ratios ({', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"against the other peers: {others})"
+        )
+    if "cold_vs_best_peer" in run:
+        parts.append(f"cold parallel_map {run['cold_vs_best_peer']:.2f} x the best peer's time")
     ov = run["overhead_us"]
-    reused = "parallel_map warm, x ordinary, 2nd call (cached copy reused)"
-    parts = [
-        f"warm parallel_map vs warm joblib {run['vs_joblib_warm']:.2f}x (x ordinary, reused) / "
-        f"{run['vs_joblib_warm_preshared']:.2f}x (pre-shared)",
-        f"x ordinary, 2nd call: {_median_of_round_ratios(run, reused):.2f} of floor as the "
-        f"median of per-round ratios (rounds {_round_ratios(run, reused)})",
-        f"per-task overhead {ov['parallel_map']:.1f} us (x ordinary, reused; "
-        f"{run['overhead_ratio_vs_joblib']:.2f} of joblib's), "
-        f"{ov['parallel_map_preshared']:.1f} us (pre-shared) vs joblib {ov['joblib']:.1f} us",
-        f"content check {run['check_s'] * 1e3:.0f} ms = {100 * run['check_cost_of_copy']:.1f}% "
-        f"of a copy into shared memory ({run['share_fresh_s'] * 1e3:.0f} ms), "
-        f"{100 * run['check_cost_of_memcpy']:.0f}% of x.copy()",
-        f"PSS added by the cache {run['pss_added_by_cache_mb']:.0f} MiB "
-        f"(one copy of x: budget {run['pss_added_by_cache_budget_mb']:.0f} MiB)",
-        f"sharing x costs {run['sharing_cost_memcpy']:.2f} memcpy",
-        f"total PSS with x shared {run['pss_shared_mb']:.0f} MiB "
-        f"(budget {run['pss_budget_mb']:.0f} MiB)",
-        f"8760 empty tasks {run['empty_8760_ms']:.1f} ms",
-        f"{run['dev_shm_left_bytes']} bytes left in /dev/shm",
-    ]
-    if "progress_cost_pct" in run:
-        parts.append(f"a live progress bar {run['progress_cost_pct']:+.1f}% of run time")
-    if "load_avg_1min" in run:
-        loads = run["load_avg_1min"]
-        parts.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f} on 2 cores")
+    parts.append(
+        "per-task overhead over the ideal: "
+        + ", ".join(f"{n.split(' (')[0]} {_us(v)}" for n, v in ov.items())
+    )
+    parts.append(
+        f"sks.share(x) {run['share_vs_copy']:.2f} x the time of x.copy() "
+        f"({run['share_s'] * 1e3:.0f} vs {run['memcpy_s'] * 1e3:.0f} ms); content check "
+        f"{run['check_s'] * 1e3:.0f} ms"
+    )
+    parts.append(
+        "peak PSS, parent + own workers: "
+        + ", ".join(f"{n.split(' (')[0]} {v:.0f} MiB" for n, v in run["pss_peak_mb"].items())
+    )
+    if run.get("pss_added_by_cache_mb"):
+        parts.append(f"PSS added by the share cache {run['pss_added_by_cache_mb']:.0f} MiB")
+    parts.append(f"a live progress bar {_pct(run['progress_cost_pct'])}")
+    parts.append(f"8760 empty tasks {run['empty_8760_ms']:.1f} ms")
+    parts.append(f"{run['dev_shm_left_bytes']} bytes left in /dev/shm")
     return "; ".join(parts)
+
+
+def measured(run: dict) -> str:
+    """When and where: the plot's subtitle, and a row of the table."""
+    loads = run["load_avg_1min"]
+    busy = "busy" if max(loads) > 1.5 * run.get("processes", 2) else "quiet"
+    return (
+        f"{run['measured_at']}, {run['machine']}, {run['repeats']} rounds, "
+        f"load {min(loads):.1f}-{max(loads):.1f} ({busy})"
+    )
 
 
 DASK_ORDER = [
@@ -108,13 +156,20 @@ def dask_summary(run: dict) -> str:
 
 
 def _head(run: dict) -> str:
-    return f"{run['rows']:,} rows, {'~20 us' if run['mode'] == 'tiny' else '~1 ms'} tasks"
+    size = f"x {run['rows'] * 128 / 1e9:.2f} GB" if run["rows"] >= 5_000_000 else ""
+    per = run.get("seconds_per_item")
+    item = f"~{per * 1e6:.0f} us" if per and per < 1e-3 else f"~{per * 1e3:.1f} ms" if per else ""
+    if not item:
+        item = "~20 us" if run["mode"] == "tiny" else "~1 ms"
+    return ", ".join(p for p in (f"{run['rows']:,} rows", size, f"{item} tasks") if p)
 
 
 def render(runs: list[dict], order: list[str], cell_of, summary_of) -> None:
     heads = [_head(r) for r in runs]
     print("| contender | " + " | ".join(heads) + " |")
     print("| --- |" + " --- |" * len(runs))
+    if all("measured_at" in r for r in runs):
+        print("| measured | " + " | ".join(measured(r) for r in runs) + " |")
     for name in order:
         print(f"| {name} | " + " | ".join(cell_of(r, name) for r in runs) + " |")
     print()
@@ -139,12 +194,33 @@ def render_blas(run: dict) -> None:
     )
 
 
+def render_scale(run: dict) -> None:
+    """Per-item overhead of each pool at 10^4, 10^5, 10^6 tiny items."""
+    sizes = list(run["overhead_us"])
+    names = [n for n in run["overhead_us"][sizes[0]] if n != "serial loop"]
+    print(
+        "| per-item overhead over serial / workers | "
+        + " | ".join(f"{int(n):,} items" for n in sizes)
+        + " |"
+    )
+    print("| --- |" + " --- |" * len(sizes))
+    for name in names:
+        print(
+            f"| {name} | "
+            + " | ".join(f"{run['overhead_us'][n][name]:.2f} us" for n in sizes)
+            + " |"
+        )
+
+
 def main(paths: list[str]) -> None:
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
-    if all(r.get("mode") == "blas" for r in runs):  # bench_hourly.py --mode blas
+    if all(r.get("mode") == "scale" for r in runs):
+        for run in runs:
+            render_scale(run)
+    elif all(r.get("mode") == "blas" for r in runs):  # bench_hourly.py --mode blas
         for run in runs:
             render_blas(run)
     elif all("dask_vs_local" in r for r in runs):  # benchmarks/bench_dask.py results

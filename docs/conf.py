@@ -79,15 +79,15 @@ def _copy_notebooks() -> None:
 
 
 def _benchmark_plot() -> None:
-    """docs/_static/bench_floor.png from the README's table (benchmarks/plot.py)."""
+    """docs/_static/bench_<n>.png, one per run in the README's table (benchmarks/plot.py)."""
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "plot.py"),
             "--readme",
             str(ROOT / "README.md"),
-            "-o",
-            str(DOCS / "_static" / "bench_floor.png"),
+            "--outdir",
+            str(DOCS / "_static"),
         ],
         check=True,
     )

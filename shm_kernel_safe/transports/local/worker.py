@@ -9,6 +9,7 @@ store per item in the control block, never a message.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import pickle
@@ -185,11 +186,14 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         return result
     ctrl[row + control.STATE] = control.RUNNING
     done_slot = row + control.DONE
-    cancel_slot = control.CANCEL
     started_slot = row + control.ITEM_STARTED
-
-    def cancelled() -> int:
-        return ctrl[cancel_slot]
+    # The per-item callbacks are all overhead (~0.25 us per item, ~1% of a
+    # 20 us item), so they are kept few: the cancel check is a C-level call
+    # with no Python frame, and where every completed item is stored
+    # (stacked scalars, a failed item stops the chunk, no item timeout)
+    # ``keep`` also counts it, with one store instead of a read-modify-write:
+    # items ``start..i`` are then exactly the ones done.
+    cancelled = functools.partial(ctrl.__getitem__, control.CANCEL)
 
     def tick() -> None:
         ctrl[done_slot] += 1
@@ -227,6 +231,25 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
                 if not _store(stacked, i, value, scalar_type):
                     log.add(i, MISFIT, value)
                     misfits[i] = value
+
+        if scalar_type is not None and not task.keep_going and not task.track_time:
+            before = task.start - 1
+
+            def keep(i: int, value: Any) -> None:
+                if type(value) is scalar_type:
+                    try:
+                        stacked[i] = value
+                    except (OverflowError, ValueError, TypeError):
+                        if log is not None:
+                            log.add(i, MISFIT, value)
+                        misfits[i] = value
+                else:
+                    if log is not None:
+                        log.add(i, MISFIT, value)
+                    misfits[i] = value
+                ctrl[done_slot] = i - before  # after the value and its log record
+
+            tick = None  # type: ignore[assignment]
 
     elif log is not None:
         kept = {}

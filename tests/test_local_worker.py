@@ -1,0 +1,127 @@
+"""The local worker's chunk loop, run in this process on real shared memory.
+
+What a dead worker leaves behind is read from its control-block row: the
+count of items done must cover exactly the items whose results are stored,
+on every path of the per-item callbacks (stacked scalars, results that do
+not stack, failed items with and without ``errors="continue"``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from shm_kernel_safe.engine import sharing
+from shm_kernel_safe.engine.protocol import Payload
+from shm_kernel_safe.memory.arrays import empty, handle_of
+from shm_kernel_safe.transports.local import control
+from shm_kernel_safe.transports.local.control import ControlBlock
+from shm_kernel_safe.transports.local.worker import MISFIT, ChunkTask, read_log, run_chunk
+
+
+def item(i: int) -> float:
+    if i == 13:
+        raise ValueError("thirteen")
+    if i == 7:
+        return 7  # an int among floats: kept aside, not stacked
+    return i * 0.5
+
+
+@pytest.fixture
+def chunk_of():
+    held = []
+
+    def make(
+        start: int,
+        stop: int,
+        *,
+        keep_going: bool = False,
+        track_time: bool = False,
+        ledger: str | None = None,
+    ):
+        data, report = sharing.dumps(Payload(item, range(20)))
+        buf = empty(len(data), dtype=np.uint8)
+        buf[:] = np.frombuffer(data, dtype=np.uint8)
+        ctrl = ControlBlock.create(4)
+        out = empty(20)
+        out[:] = -1.0
+        held.append((buf, ctrl, out, report))
+        task = ChunkTask(
+            uuid.uuid4().hex,
+            handle_of(buf),
+            handle_of(ctrl.array),
+            1,
+            1,
+            start,
+            stop,
+            handle_of(out),
+            float,
+            keep_going,
+            track_time,
+            ledger,
+        )
+        return run_chunk(task), ctrl.table[1], out
+
+    yield make
+    for *_, report in held:
+        sharing.release(report)
+    held.clear()
+
+
+@pytest.mark.parametrize("track_time", [False, True])
+def test_done_count_covers_stored_results(chunk_of, track_time):
+    result, row, out = chunk_of(2, 12, track_time=track_time)
+    assert result.error is None and result.done == 10
+    assert row[control.DONE] == 10 and row[control.STATE] == control.FINISHED
+    assert result.misfits == {7: 7} and type(result.misfits[7]) is int
+    assert out[2:12].tolist() == [i * 0.5 if i != 7 else -1.0 for i in range(2, 12)]
+    assert out[12] == -1.0  # nothing written past the chunk
+
+
+def test_a_result_that_does_not_stack_is_logged_before_it_is_counted(chunk_of, tmp_path):
+    # The log is what the parent reads if the worker dies: every item the
+    # control block counts as done must have its misfit there.
+    ledger = str(tmp_path / "ledger-")
+    result, row, _ = chunk_of(5, 9, ledger=ledger)
+    assert result.done == 4 and row[control.DONE] == 4 and result.misfits == {7: 7}
+    assert read_log(f"{ledger}1", int(row[control.LOG_END])) == [(7, MISFIT, 7)]
+
+
+def test_a_failed_item_stops_the_chunk_after_the_done_ones(chunk_of):
+    result, row, out = chunk_of(10, 16)
+    assert result.error is not None and result.error.index == 13
+    assert result.done == 3 and row[control.DONE] == 3
+    assert out[10:13].tolist() == [5.0, 5.5, 6.0] and out[13] == -1.0
+
+
+def test_keep_going_counts_failed_items_too(chunk_of):
+    result, row, out = chunk_of(10, 16, keep_going=True)
+    assert set(result.failed) == {13} and result.error is None
+    assert result.done == 6 and row[control.DONE] == 6
+    assert out[14:16].tolist() == [7.0, 7.5]
+
+
+def test_a_chunk_times_its_items_not_the_warning_recorder(monkeypatch):
+    # The one-item probe's ``seconds`` sizes the run's smallest chunk: set-up
+    # around the items (here made slow on purpose) must not count.
+    import contextlib
+    import time
+
+    from shm_kernel_safe.engine import chunk_loop, worker_warnings
+    from shm_kernel_safe.engine.protocol import ChunkResult
+
+    real = worker_warnings.recording
+
+    @contextlib.contextmanager
+    def slow_recording(items):
+        time.sleep(1.0)
+        with real(items) as seen:
+            yield seen
+
+    monkeypatch.setattr(chunk_loop.worker_warnings, "recording", slow_recording)
+    t0 = time.perf_counter()
+    result = chunk_loop.run_items(abs, [-1], 0, 1, ChunkResult(0))
+    assert time.perf_counter() - t0 >= 1.0 and result.done == 1
+    assert result.seconds < 1.0
