@@ -127,8 +127,8 @@ def test_unchanged_array_is_not_sent_again_and_a_changed_one_is(client):
     in-place change, x is sent again and the results see the change."""
     import gc
 
+    from shm_kernel_safe.engine.pickling import DEFAULT_THRESHOLD
     from shm_kernel_safe.engine.run import Run
-    from shm_kernel_safe.engine.sharing import DEFAULT_THRESHOLD
     from shm_kernel_safe.engine.transport import Inputs
     from shm_kernel_safe.transports.dask.kept import kept_arrays
     from shm_kernel_safe.transports.dask.transport import DaskTransport

@@ -50,7 +50,7 @@ def test_closure_array_is_shared_read_only_not_copied_per_task(method):
 
 
 def test_preshared_array_travels_without_copy_and_is_writable():
-    from shm_kernel_safe.engine import sharing
+    from shm_kernel_safe.transports.local import sharing
 
     x = sks.zeros((1000, 8))
     x[:] = 1.0

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe.engine.progress import TextProgress, frontend_renders_widgets, make_progress
+from shm_kernel_safe.displays import TextProgress, frontend_renders_widgets, make_progress
 
 from .kernels import evaluate, execute, kernel
 
@@ -71,7 +71,7 @@ def test_parallel_map_text_progress_reaches_total(capsys):
 def test_auto_picks_widget_in_jupyter_and_text_in_spyder(kind, expected):
     env = {"JPY_SESSION_NAME": "weather.ipynb"}  # as jupyter_server sets it
     with kernel(kind, env=env) as (_km, client):
-        execute(client, "from shm_kernel_safe.engine.progress import make_progress")
+        execute(client, "from shm_kernel_safe.displays import make_progress")
         assert evaluate(client, "type(make_progress('auto')).__name__") == repr(expected)
 
 

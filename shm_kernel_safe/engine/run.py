@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -27,88 +27,19 @@ from ..errors import (
     TaskError,
     WorkerDiedError,
 )
-from . import tracebacks, worker_warnings
+from . import hints, tracebacks, worker_warnings
 from .planning import Chunk, Plan
-from .progress import ThrottledReport
 from .protocol import ChunkResult, Payload, RemoteError
+from .reporting import ThrottledReport
 from .results import finish, gather, item_values
 from .transport import Inputs, Transport, WorkerLost
 
 ProgressCallback = Callable[[int, int], None]
 
-#: What a failed item does to the run: stop it, or be recorded while it goes on.
-ERROR_MODES = ("raise", "continue")
-
 #: How long running chunks get to notice a cancel before their workers are stopped.
 CANCEL_GRACE = 0.5
 #: How often the wait loop wakes for progress and the deadline, in seconds.
 POLL_INTERVAL = 0.05
-
-
-# -- validation -------------------------------------------------------------------
-def check_options(
-    fn: Any, chunksize: Any, timeout: Any, out: Iterable[Any], items: Any
-) -> tuple[tuple[np.ndarray, ...], Any]:
-    """The run's output arrays and items as a sequence; raises before any work."""
-    if not callable(fn):
-        raise InvalidArgumentTypeError("fn", f"must be callable, got {type(fn).__name__}")
-    if chunksize is not None and (
-        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
-    ):
-        raise InvalidArgumentError("chunksize", f"must be an integer >= 1, got {chunksize!r}")
-    if timeout is not None and not (
-        isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
-    ):
-        raise InvalidArgumentError(
-            "timeout", f"must be a positive number of seconds, got {timeout!r}"
-        )
-    outputs = tuple(out)
-    for i, arr in enumerate(outputs):
-        if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-            raise InvalidArgumentTypeError(
-                "out", f"is a {type(arr).__name__}, not a numeric ndarray", index=i
-            )
-        if not arr.flags.writeable:
-            raise InvalidArgumentError("out", "is read-only", index=i)
-    return outputs, as_sequence(items)
-
-
-def check_recovery(errors: Any, retries: Any, item_timeout: Any) -> None:
-    """``errors``, ``retries`` and ``item_timeout`` are valid."""
-    if errors not in ERROR_MODES:
-        raise InvalidArgumentError(
-            "errors", f"must be one of {', '.join(map(repr, ERROR_MODES))}, got {errors!r}"
-        )
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidArgumentError("retries", f"must be an integer >= 0, got {retries!r}")
-    if item_timeout is not None and not (
-        isinstance(item_timeout, (int, float))
-        and not isinstance(item_timeout, bool)
-        and item_timeout > 0
-    ):
-        raise InvalidArgumentError(
-            "item_timeout", f"must be a positive number of seconds, got {item_timeout!r}"
-        )
-
-
-def check_processes(processes: Any) -> None:
-    """``processes`` is None or a positive integer."""
-    if processes is not None and (
-        isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
-    ):
-        raise InvalidArgumentError("processes", f"must be an integer >= 1, got {processes!r}")
-
-
-def as_sequence(items: Any) -> Any:
-    """``items`` as something with ``len()`` and ``[]`` (lists only what must be listed)."""
-    if isinstance(items, (range, list, tuple, np.ndarray)):
-        return items
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise InvalidArgumentTypeError(
-            "items",
-            f"is a {type(items).__name__}, not an iterable of work items (a range, list, array...)",
-        )
-    return list(items)
 
 
 # -- the run ----------------------------------------------------------------------
@@ -189,8 +120,9 @@ class Run:
     # -- the happy path ------------------------------------------------------------
     def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
         """Run every item; the results in item order (masked where items failed)."""
+        started = time.monotonic()
         if self.timeout is not None:
-            self.deadline = time.monotonic() + self.timeout
+            self.deadline = started + self.timeout
         transport = self.transport
         if self.item_timeout is not None and not transport.stops_single_items:
             raise InvalidArgumentError(
@@ -215,6 +147,8 @@ class Run:
             self._run_chunks(plan.chunks)
             if plan.probing:
                 probe = self.results[0]
+                fixed = time.monotonic() - started - probe.seconds
+                hints.warn_if_not_worth_it(self.n_items, probe.seconds, fixed, stacklevel=3)
                 if probe.done and probe.values and 0 not in self.failures:
                     self.stacked = transport.stack_results(probe.values[0], self.n_items)
                 self._run_chunks(plan.cut_rest(probe.seconds, transport.min_chunk_seconds))

@@ -25,7 +25,7 @@ import numpy as np
 from ..engine.chunk_loop import run_items
 from ..engine.planning import Chunk
 from ..engine.protocol import ChunkResult, Payload
-from ..engine.transport import Heartbeat, Inputs, Transport
+from ..engine.transport import Heartbeat, Inputs, Transport, TransportOptions
 
 
 class SerialTransport(Transport):
@@ -34,6 +34,14 @@ class SerialTransport(Transport):
     name = "serial"
     min_chunk_seconds = 0.0  # no message to amortise
     stopped_text = "it stopped between items"
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> SerialTransport:
+        # -n, --start-method and --threads are accepted (checked by the
+        # base) and ignored, so that a cell is switched to serial for
+        # debugging by adding one option; items run in this process, whose
+        # BLAS threads are the user's.
+        return cls()
 
     def __init__(self) -> None:
         self.workers = 1

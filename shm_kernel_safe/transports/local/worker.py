@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ...engine import sharing
 from ...engine.chunk_loop import run_items
 from ...engine.protocol import ChunkResult, Payload, describe_error
 from ...memory import arrays
 from ...memory.arrays import SharedArray
-from . import control
+from . import control, sharing
 
 
 @dataclass(frozen=True)

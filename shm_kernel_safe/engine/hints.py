@@ -1,0 +1,50 @@
+"""Say why parallel did not pay, once, from numbers the run has anyway.
+
+After the probe (the first item, timed in the worker) the run knows what
+one item costs and what it paid before that item came back: encoding and
+copying the inputs, starting or waking the workers, one message each way.
+When all the items would have taken less in the calling process than those
+fixed costs, the user gets one :class:`~shm_kernel_safe.errors.PerformanceHint`
+with both numbers and the remedies, instead of a silent ``0.75x``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ..errors import PerformanceHint
+
+#: Fixed costs below this are a warm pool's round trip: never worth a warning.
+QUIET_BELOW = 0.05
+
+
+def hint_text(n_items: int, item_seconds: float, fixed_seconds: float) -> str | None:
+    """The hint's line, or None when the items are worth their workers."""
+    in_process = n_items * item_seconds
+    if fixed_seconds < QUIET_BELOW or in_process >= fixed_seconds:
+        return None
+    return (
+        f"{n_items} items of ~{_fmt(item_seconds)} each would take ~{_fmt(in_process)} "
+        f"in this process, less than the {_fmt(fixed_seconds)} this call spent starting "
+        f"workers and sending them the inputs: give each item more work (fewer, bigger "
+        f"items), move big inputs to shared memory once (%shm_share x or "
+        f"x = shm_kernel_safe.share(x)), and start the pool ahead with "
+        f"shm_kernel_safe.prestart()"
+    )
+
+
+def warn_if_not_worth_it(
+    n_items: int, item_seconds: float, fixed_seconds: float, stacklevel: int
+) -> None:
+    """Issue the hint for a run when :func:`hint_text` has one."""
+    text = hint_text(n_items, item_seconds, fixed_seconds)
+    if text is not None:
+        warnings.warn(PerformanceHint(text), stacklevel=stacklevel + 1)
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.1f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.0f} ms"
+    return f"{seconds * 1e6:.0f} us"
