@@ -16,7 +16,7 @@ from .engine.pickling import DEFAULT_THRESHOLD
 from .engine.protocol import Subset
 from .engine.results import finish, prior_values
 from .engine.run import ProgressCallback, Run
-from .engine.transport import Transport, TransportOptions
+from .engine.transport import TransportOptions
 from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning, PartialResults
 from .transports import registry
 from .transports.local.transport import prestart as _prestart_local
@@ -62,21 +62,6 @@ def last_errors() -> FailedItems:
     [(2, 'ValueError')]
     """
     return getattr(_last, "errors", None) or FailedItems([])
-
-
-def make_transport(
-    backend: str,
-    *,
-    processes: int | None,
-    start_method: str | None,
-    client: Any,
-    threads_per_worker: int | None = None,
-) -> Transport:
-    """The transport for ``backend``, its options checked by the transport itself."""
-    cls, options = registry.checked(
-        backend, TransportOptions(processes, start_method, client, threads_per_worker)
-    )
-    return cls.from_options(options)
 
 
 def parallel_map(
@@ -230,6 +215,9 @@ def parallel_map(
     >>> sks.parallel_map(lambda i: float(x[i].sum()), range(4), backend="serial")
     array([ 3., 12., 21., 30.])
     """
+    transport_type, transport_options = registry.checked(
+        backend, TransportOptions(processes, start_method, client, threads_per_worker)
+    )
     args = check_run(
         fn,
         items,
@@ -243,15 +231,10 @@ def parallel_map(
         retries=retries,
         item_timeout=item_timeout,
         unknown=unknown,
+        shared_in_place=transport_type.writes_shared_in_place,
     )
     seq = args.items
-    transport = make_transport(
-        backend,
-        processes=processes,
-        start_method=start_method,
-        client=client,
-        threads_per_worker=threads_per_worker,
-    )
+    transport = transport_type.from_options(transport_options)
     prior = _prior(resume, len(seq))
     _last.errors = None
     todo = None if prior is None else np.flatnonzero(~prior[0])

@@ -131,7 +131,7 @@ def test_bad_input_is_refused_before_any_process_starts():
         sks.parallel_map(3, range(3))
     with pytest.raises(ValueError, match="processes"):
         sks.parallel_map(hourly, range(3), processes=0)
-    with pytest.raises(ValueError, match="start method"):
+    with pytest.raises(ValueError, match="start_method must be one of"):
         sks.parallel_map(hourly, range(3), start_method="thread")
     with pytest.raises(TypeError, match="closure variable 'lock'"):
         sks.parallel_map(uses_lock, range(3))

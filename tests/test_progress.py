@@ -43,8 +43,8 @@ def test_quick_run_prints_nothing_and_bad_mode_refused():
     bar(5, 5)
     bar.close()
     assert out.getvalue() == ""
-    with pytest.raises(ValueError, match="progress must be one of"):
-        make_progress("fancy")
+    with pytest.raises(sks.InvalidArgumentError, match="progress must be one of"):
+        sks.parallel_map(abs, range(3), progress="fancy")
     assert make_progress("none") is None
 
 

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import mmap
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..memory.arrays import handle_of
 
 _CONTAINER_LOADS = {"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"}
 _MAX_DEPTH = 3
@@ -94,7 +97,7 @@ def _code_writes(
                     )
         elif ins.opname == "LOAD_GLOBAL" and depth < _MAX_DEPTH:
             callee = globs.get(ins.argval)
-            if isinstance(callee, types.FunctionType):  # a helper the function calls
+            if _user_helper(callee, globs):
                 yield from _function_writes(callee, seen, depth + 1)
     for const in code.co_consts:
         if isinstance(const, types.CodeType) and id(const) not in seen:
@@ -103,6 +106,15 @@ def _code_writes(
             # own locals are not captured from outside: only pass-throughs.
             inner = {v: cells[v] for v in const.co_freevars if v in cells}
             yield from _code_writes(const, globs, inner, fn, seen, depth)
+
+
+def _user_helper(value: Any, globs: dict[str, Any]) -> bool:
+    """A function of the user's code that the function calls: defined in the
+    same module, or in ``__main__`` (a notebook or console). Library
+    functions are left alone: their module arrays are theirs."""
+    if not isinstance(value, types.FunctionType):
+        return False
+    return value.__globals__ is globs or value.__module__ == "__main__"
 
 
 def _container_load(instructions: list[dis.Instruction], k: int) -> dis.Instruction | None:
@@ -137,13 +149,30 @@ def _line(ins: dis.Instruction) -> int | None:
     return getattr(ins, "starts_line", None) or None
 
 
-def unowned_writes(fn: Any, outputs: tuple[np.ndarray, ...]) -> list[CapturedWrite]:
-    """Writes of ``fn`` into captured arrays that are not (views of) ``outputs``."""
-    return [w for w in captured_writes(fn) if not any(_same(w.array, o) for o in outputs)]
+def unowned_writes(
+    fn: Any, outputs: tuple[np.ndarray, ...], shared_in_place: bool
+) -> list[CapturedWrite]:
+    """Writes of ``fn`` into captured arrays that will not land.
+
+    Those into (views of) ``outputs`` land; so do those into an array that
+    lives writable in shared memory when the transport runs in this
+    machine's memory (``shared_in_place``: workers write the same pages).
+    """
+    return [
+        w
+        for w in captured_writes(fn)
+        if not any(_same(w.array, o) for o in outputs)
+        and not (shared_in_place and _shared_writable(w.array))
+    ]
 
 
 def _same(arr: np.ndarray, out: np.ndarray) -> bool:
     return arr is out or (arr.base is not None and arr.base is out)
+
+
+def _shared_writable(arr: np.ndarray) -> bool:
+    handle = handle_of(arr)
+    return handle is not None and bool(handle.writable) and arr.flags.writeable
 
 
 def fix_text(names: list[str]) -> str:
@@ -154,33 +183,86 @@ def fix_text(names: list[str]) -> str:
 
 
 def read_only_hint(message: str, fn: Any, outputs: tuple[np.ndarray, ...]) -> str:
-    """For an item's ``assignment destination is read-only``: which captured
-    arrays it may have meant to write and how to make the writes land; ``""``
-    when the error is about something else."""
+    """For an item's ``... is read-only`` error: which captured arrays it may
+    have meant to write and how to make the writes land; ``""`` when the
+    error is about something else or no captured array fits."""
     if "read-only" not in message:
         return ""
-    names = []
-    for label, value in _captured_arrays(fn):
-        if not value.flags.writeable or any(_same(value, o) for o in outputs):
-            continue
-        names.append(label)
+    names = [
+        name
+        for name, value in captured_arrays(fn)
+        if not any(_same(value, o) for o in outputs)
+    ]
     if not names:
         return ""
     return (
-        f"; arrays the function captures reach workers read-only: to write into "
-        f"{' or '.join(names)}, {fix_text(names[:1])}"
+        f" (arrays the function captures are read-only in the run: to write into "
+        f"{' or '.join(names)}, {fix_text(names[:1])})"
     )
 
 
-def _captured_arrays(fn: Any) -> Iterator[tuple[str, np.ndarray]]:
+def captured_arrays(fn: Any) -> list[tuple[str, np.ndarray]]:
+    """Every ndarray ``fn`` reaches by name: its globals and closure
+    variables, those of functions defined in it and of global functions it
+    calls (a few levels deep), first name per array."""
+    found: dict[int, tuple[str, np.ndarray]] = {}
+    _collect(fn, set(), 0, found)
+    return list(found.values())
+
+
+def _collect(fn: Any, seen: set[int], depth: int, found: dict) -> None:
     code = getattr(fn, "__code__", None)
-    if code is None:
+    if not isinstance(code, types.CodeType) or id(code) in seen or depth > _MAX_DEPTH:
         return
+    seen.add(id(code))
     globs = getattr(fn, "__globals__", None) or {}
-    for name in code.co_names:
-        if isinstance(globs.get(name), np.ndarray):
-            yield name, globs[name]
     for var, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
         with contextlib.suppress(ValueError):
             if isinstance(cell.cell_contents, np.ndarray):
-                yield var, cell.cell_contents
+                found.setdefault(id(cell.cell_contents), (var, cell.cell_contents))
+    codes = [code]
+    while codes:
+        co = codes.pop()
+        for name in co.co_names:
+            value = globs.get(name)
+            if isinstance(value, np.ndarray):
+                found.setdefault(id(value), (name, value))
+            elif _user_helper(value, globs):
+                _collect(value, seen, depth + 1, found)
+        codes += [c for c in co.co_consts if isinstance(c, types.CodeType)]
+
+
+def freeze(fn: Any, keep: Callable[[np.ndarray], bool]) -> list[np.ndarray]:
+    """Make the arrays ``fn`` captures read-only, except where ``keep``.
+
+    Writes :func:`captured_writes` cannot see (``np.copyto(y, ...)``,
+    ``y.fill(0)``) then fail the same way on every transport, with the
+    read-only error :func:`read_only_hint` explains, instead of landing in
+    this process and vanishing in a worker's copy. Returns the arrays
+    frozen, for :func:`thaw`.
+    """
+    frozen = []
+    for _, arr in captured_arrays(fn):
+        if arr.flags.writeable and not keep(arr):
+            arr.flags.writeable = False
+            frozen.append(arr)
+    return frozen
+
+
+def thaw(frozen: list[np.ndarray]) -> None:
+    """Undo :func:`freeze` (the caller's own arrays, after an in-process run)."""
+    for arr in frozen:
+        arr.flags.writeable = True
+    frozen.clear()
+
+
+def keep_in_worker(arr: np.ndarray) -> bool:
+    """Arrays that stay writable: those over shared memory (in a worker,
+    ``out=`` arrays and the caller's writable shared arrays, written in
+    place; read-only shared inputs are read-only already)."""
+    base: Any = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)

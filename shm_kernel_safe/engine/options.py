@@ -70,8 +70,13 @@ def check_run(
     retries: Any = 0,
     item_timeout: Any = None,
     unknown: dict[str, Any] | None = None,
+    shared_in_place: bool = True,
 ) -> RunArguments:
-    """Every argument of a run, checked; raises the first invalid one by name."""
+    """Every argument of a run, checked; raises the first invalid one by name.
+
+    ``shared_in_place``: the transport's workers write the caller's
+    writable shared arrays in place (see :func:`check_captured_writes`).
+    """
     _checks.unknown_keywords("parallel_map", unknown or {}, PEER_KEYWORDS)
     fn = _checks.callable_("fn", fn)
     seq = as_sequence(items)
@@ -82,7 +87,7 @@ def check_run(
         outputs,
     )
     check_progress(progress)
-    check_captured_writes(fn, outputs)
+    check_captured_writes(fn, outputs, shared_in_place)
     return RunArguments(
         fn,
         seq,
@@ -131,14 +136,18 @@ def as_sequence(items: Any) -> Any:
     return list(items)
 
 
-def check_captured_writes(fn: Any, outputs: tuple[np.ndarray, ...]) -> None:
+def check_captured_writes(
+    fn: Any, outputs: tuple[np.ndarray, ...], shared_in_place: bool = True
+) -> None:
     """Refuse a function that writes into captured arrays not in ``out=``.
 
     In workers such writes would be lost (a pickled copy) or refused (a
     read-only shared view), while ``backend="serial"`` would keep them: one
-    outcome on every backend, named before the run starts.
+    outcome on every backend, named before the run starts. Writes into an
+    array over writable shared memory land where workers share this
+    machine's memory (``shared_in_place``), so those pass there.
     """
-    writes = unowned_writes(fn, outputs)
+    writes = unowned_writes(fn, outputs, shared_in_place)
     if not writes:
         return
     names = [w.name for w in writes]

@@ -27,7 +27,7 @@ from ..errors import (
     TaskError,
     WorkerDiedError,
 )
-from . import hints, tracebacks, worker_warnings
+from . import captured, hints, tracebacks, worker_warnings
 from .planning import Chunk, Plan
 from .protocol import ChunkResult, Payload, RemoteError
 from .reporting import ThrottledReport
@@ -210,9 +210,13 @@ class Run:
         self.done[chunk.start : chunk.start + res.done] = True
         for index, err in res.failed.items():
             self.done[index] = False
-            self.failures[index] = task_error(err, self.fn, self._original(index))
+            self.failures[index] = task_error(
+                err, self.fn, self._original(index), self.inputs.outputs
+            )
         if res.error is not None:
-            raise task_error(res.error, self.fn, self._original(res.error.index))
+            raise task_error(
+                res.error, self.fn, self._original(res.error.index), self.inputs.outputs
+            )
         if res.done == chunk.size:
             self.pending.discard(res.chunk)
         # else: stopped early (its deadline passed); the loop raises the timeout
@@ -333,15 +337,21 @@ def _cause(exc: BaseException) -> BaseException | None:
     return exc.__cause__
 
 
-def task_error(err: RemoteError, fn: Any, index: int | None = None) -> TaskError:
+def task_error(
+    err: RemoteError, fn: Any, index: int | None = None, outputs: tuple[np.ndarray, ...] = ()
+) -> TaskError:
     """The error a user sees for a failed item, with their own source lines.
 
     ``index`` is the item's index in the caller's items (a resumed run
-    numbers a subset).
+    numbers a subset). A write refused because a captured array is
+    read-only in the run says which ``out=`` would make it land.
     """
     text = tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
     index = err.index if index is None else index
-    error = TaskError(index, err.item_repr, err.exc_type, err.message, text)
+    message = err.message
+    if err.exc_type == "ValueError":
+        message += captured.read_only_hint(message, fn, outputs)
+    error = TaskError(index, err.item_repr, err.exc_type, message, text)
     error.__cause__ = err.original
     error.__suppress_context__ = True
     if err.traceback is not None:

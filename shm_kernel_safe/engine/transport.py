@@ -107,6 +107,10 @@ class Transport(ABC):
     stopped_text: ClassVar[str] = "its workers were stopped"
     #: Whether :meth:`stop_overdue` can stop one item (``item_timeout=``).
     stops_single_items: ClassVar[bool] = False
+    #: Whether items write the caller's writable shared arrays in place
+    #: (workers on this machine, or this process), so such writes land
+    #: without ``out=``.
+    writes_shared_in_place: ClassVar[bool] = False
 
     #: Workers that run chunks at the same time (known after :meth:`start`).
     workers: int = 1

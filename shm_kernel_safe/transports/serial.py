@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import captured
 from ..engine.chunk_loop import run_items
 from ..engine.planning import Chunk
 from ..engine.protocol import ChunkResult, Payload
@@ -34,6 +35,7 @@ class SerialTransport(Transport):
     name = "serial"
     min_chunk_seconds = 0.0  # no message to amortise
     stopped_text = "it stopped between items"
+    writes_shared_in_place = True  # the caller's own arrays
 
     @classmethod
     def from_options(cls, options: TransportOptions) -> SerialTransport:
@@ -52,6 +54,7 @@ class SerialTransport(Transport):
         self.heartbeat_error: BaseException | None = None
         self.interrupted: ChunkResult | None = None
         self.keep_going = False
+        self.frozen: list[np.ndarray] = []
 
     def encode(
         self,
@@ -63,6 +66,16 @@ class SerialTransport(Transport):
     ) -> None:
         self.fn, self.items = payload.fn, payload.items
         self.keep_going = keep_going
+        # The arrays the function captures are read-only for the run, as in
+        # workers (where a write would change a copy), except outputs and
+        # writable shared arrays, which workers write in place too.
+        outputs = inputs.outputs
+        self.frozen = captured.freeze(
+            payload.fn,
+            lambda arr: (
+                any(arr is o or arr.base is o for o in outputs) or captured.keep_in_worker(arr)
+            ),
+        )
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.heartbeat = heartbeat
@@ -124,6 +137,7 @@ class SerialTransport(Transport):
         return []
 
     def release(self) -> None:
+        captured.thaw(self.frozen)
         self.queue.clear()
         self.fn = self.items = None
 

@@ -53,6 +53,7 @@ class LocalTransport(Transport):
     name = "local"
     min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
     stops_single_items = True  # one worker per item in flight: killing it stops the item
+    writes_shared_in_place = True
 
     @classmethod
     def check_options(cls, options: TransportOptions) -> TransportOptions:
