@@ -189,9 +189,7 @@ def read_only_hint(message: str, fn: Any, outputs: tuple[np.ndarray, ...]) -> st
     if "read-only" not in message:
         return ""
     names = [
-        name
-        for name, value in captured_arrays(fn)
-        if not any(_same(value, o) for o in outputs)
+        name for name, value in captured_arrays(fn) if not any(_same(value, o) for o in outputs)
     ]
     if not names:
         return ""
