@@ -27,14 +27,20 @@ def expected(n: int) -> np.ndarray:
 
 
 # -- captured writes ---------------------------------------------------------------
-@pytest.mark.parametrize("size", SIZES)
-def test_seed_pattern_fails_early_naming_out_on_every_transport(kw, size):
-    n = SIZES[size]
+def seed(n: int):
+    """The seed's code: ``y = np.zeros(n)`` and a closure writing ``y[nn]``."""
     y = np.zeros(n)
 
     def hour(nn):
         y[nn] = X[nn % len(X)].sum()
 
+    return y, hour
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_seed_pattern_fails_early_naming_out_on_every_transport(kw, size):
+    n = SIZES[size]
+    y, hour = seed(n)
     with pytest.raises(sks.InvalidArgumentError, match=r"writes into y.*out=\[y\].*--out y") as e:
         sks.parallel_map(hour, range(0, n, max(1, n // 200)), **kw)
     assert e.value.argument == "out"
@@ -44,11 +50,7 @@ def test_seed_pattern_fails_early_naming_out_on_every_transport(kw, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_seed_pattern_with_out_lands_on_every_transport(kw, size):
     n = SIZES[size]
-    y = np.zeros(n)
-
-    def hour(nn):
-        y[nn] = X[nn % len(X)].sum()
-
+    y, hour = seed(n)
     sks.parallel_map(hour, range(n), out=y, **kw)  # a single array: out=[y]
     assert np.allclose(y, expected(n))
 
