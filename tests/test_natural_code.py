@@ -246,13 +246,18 @@ def test_the_magics_options_are_refused_before_any_process_starts(ip, capsys):
 
 
 # -- PerformanceHint ------------------------------------------------------------------
+BIG = np.ones((1_000_000, 8))  # 64 MB: copied into shared memory by a first call
+
+
 @pytest.mark.usefixtures("no_orphans")
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_tiny_items_on_a_cold_pool_get_one_hint(start_method):
+def test_tiny_items_on_a_cold_pool_get_one_hint():
+    # A cold spawn pool (each worker imports numpy) plus a first copy of
+    # 64 MB cost far more than 200 items of a microsecond, however busy the
+    # machine: the comparison cannot go the other way by luck.
     sks.shutdown_pools()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sks.parallel_map(abs, range(200), processes=2, start_method=start_method)
+        sks.parallel_map(lambda i: BIG.shape[0] + i, range(200), processes=2, start_method="spawn")
     hints = [w for w in caught if issubclass(w.category, sks.PerformanceHint)]
     assert len(hints) == 1, [str(w.message) for w in caught]
     text = str(hints[0].message)

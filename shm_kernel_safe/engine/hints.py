@@ -14,8 +14,9 @@ import warnings
 
 from ..errors import PerformanceHint
 
-#: Fixed costs below this are a warm pool's round trip: never worth a warning.
-QUIET_BELOW = 0.05
+#: Fixed costs below this are a warm pool's round trip on a busy machine, too
+#: short for anyone to notice: never worth a warning.
+QUIET_BELOW = 0.1
 
 
 def hint_text(n_items: int, item_seconds: float, fixed_seconds: float) -> str | None:
