@@ -231,7 +231,7 @@ def parallel_map(
         retries=retries,
         item_timeout=item_timeout,
         unknown=unknown,
-        shared_in_place=transport_type.writes_shared_in_place,
+        transport=transport_type,
     )
     seq = args.items
     transport = transport_type.from_options(transport_options)

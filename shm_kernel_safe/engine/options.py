@@ -19,7 +19,7 @@ from .. import _checks
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from .captured import fix_text, unowned_writes
 from .reporting import PROGRESS_MODES
-from .transport import Inputs
+from .transport import Inputs, Transport
 
 #: What a failed item does to the run: stop it, or be recorded while it goes on.
 ERROR_MODES = ("raise", "continue")
@@ -70,12 +70,12 @@ def check_run(
     retries: Any = 0,
     item_timeout: Any = None,
     unknown: dict[str, Any] | None = None,
-    shared_in_place: bool = True,
+    transport: type[Transport],
 ) -> RunArguments:
     """Every argument of a run, checked; raises the first invalid one by name.
 
-    ``shared_in_place``: the transport's workers write the caller's
-    writable shared arrays in place (see :func:`check_captured_writes`).
+    ``transport`` is the class the run will use: what it can do decides
+    some arguments (``item_timeout``, writes into shared arrays).
     """
     _checks.unknown_keywords("parallel_map", unknown or {}, PEER_KEYWORDS)
     fn = _checks.callable_("fn", fn)
@@ -87,7 +87,14 @@ def check_run(
         outputs,
     )
     check_progress(progress)
-    check_captured_writes(fn, outputs, shared_in_place)
+    check_captured_writes(fn, outputs, transport.writes_shared_in_place)
+    item_timeout = _checks.seconds("item_timeout", item_timeout)
+    if item_timeout is not None and not transport.stops_single_items:
+        raise InvalidArgumentError(
+            "item_timeout",
+            f"is not supported by backend={transport.name!r}: it cannot stop one item "
+            f"from outside (timeout= stops the whole run)",
+        )
     return RunArguments(
         fn,
         seq,
@@ -97,7 +104,7 @@ def check_run(
         progress,
         _checks.choice("errors", errors, ERROR_MODES),
         int(_checks.count("retries", retries, minimum=0, optional=False) or 0),
-        _checks.seconds("item_timeout", item_timeout),
+        item_timeout,
     )
 
 

@@ -124,12 +124,6 @@ class Run:
         if self.timeout is not None:
             self.deadline = started + self.timeout
         transport = self.transport
-        if self.item_timeout is not None and not transport.stops_single_items:
-            raise InvalidArgumentError(
-                "item_timeout",
-                f"is not supported by backend={transport.name!r}: it cannot stop one item "
-                f"from outside (timeout= stops the whole run)",
-            )
         try:
             transport.encode(
                 Payload(self.fn, self.items),
