@@ -286,3 +286,18 @@ def test_the_hint_compares_the_run_with_its_fixed_costs():
         with pytest.raises(sks.PerformanceHint):
             warnings.warn("x", sks.PerformanceHint, stacklevel=1)
     assert issubclass(sks.PerformanceHint, UserWarning)
+
+
+@pytest.mark.usefixtures("no_orphans")
+def test_the_magics_hint_points_at_the_cell(ip):
+    sks.shutdown_pools()
+    ip.user_ns.update(BIG=BIG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ip.run_cell(
+            "%%shm_parallel nn in range(200) -n 2 --start-method spawn --progress none\n"
+            "BIG.shape[0] + nn\n"
+        )
+    assert res.success, res.error_in_exec
+    hints = [w for w in caught if issubclass(w.category, sks.PerformanceHint)]
+    assert len(hints) == 1 and hints[0].filename.startswith("<shm_parallel cell ")

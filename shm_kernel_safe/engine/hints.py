@@ -11,8 +11,10 @@ with both numbers and the remedies, instead of a silent ``0.75x``.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from ..errors import PerformanceHint
+from .worker_warnings import CELL_FILE_PREFIX
 
 #: Fixed costs below this are a warm pool's round trip on a busy machine, too
 #: short for anyone to notice: never worth a warning.
@@ -35,11 +37,22 @@ def hint_text(n_items: int, item_seconds: float, fixed_seconds: float) -> str | 
 
 
 def warn_if_not_worth_it(
-    n_items: int, item_seconds: float, fixed_seconds: float, stacklevel: int
+    fn: Any, n_items: int, item_seconds: float, fixed_seconds: float, stacklevel: int
 ) -> None:
-    """Issue the hint for a run when :func:`hint_text` has one."""
+    """Issue the hint for a run of ``fn`` when :func:`hint_text` has one.
+
+    It points at the caller's line; for a ``%%shm_parallel`` cell, at the
+    cell (the magic's own line would mean nothing to its user).
+    """
     text = hint_text(n_items, item_seconds, fixed_seconds)
-    if text is not None:
+    if text is None:
+        return
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_filename.startswith(CELL_FILE_PREFIX):
+        warnings.warn_explicit(
+            PerformanceHint(text), PerformanceHint, code.co_filename, 1, module="__main__"
+        )
+    else:
         warnings.warn(PerformanceHint(text), stacklevel=stacklevel + 1)
 
 

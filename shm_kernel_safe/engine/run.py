@@ -142,7 +142,9 @@ class Run:
             if plan.probing:
                 probe = self.results[0]
                 fixed = time.monotonic() - started - probe.seconds
-                hints.warn_if_not_worth_it(self.n_items, probe.seconds, fixed, stacklevel=3)
+                hints.warn_if_not_worth_it(
+                    self.fn, self.n_items, probe.seconds, fixed, stacklevel=3
+                )
                 if probe.done and probe.values and 0 not in self.failures:
                     self.stacked = transport.stack_results(probe.values[0], self.n_items)
                 self._run_chunks(plan.cut_rest(probe.seconds, transport.min_chunk_seconds))
