@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import _checks
+from .._platform import available_start_methods
 from ..errors import InvalidArgumentError
 from .planning import Chunk
 from .protocol import ChunkResult, Payload
@@ -120,8 +121,9 @@ class Transport(ABC):
         """The options, checked and normalised; raises before any process starts.
 
         The base checks what every transport takes (worker and thread
-        counts, so that switching backends never hides a mistake) and
-        refuses ``client``; a transport that takes more extends it.
+        counts, the start method, so that switching backends never hides a
+        mistake) and refuses ``client``; a transport that takes more, or
+        less, extends it.
         """
         if options.client is not None:
             raise InvalidArgumentError(
@@ -129,6 +131,8 @@ class Transport(ABC):
                 "is for backend='dask'",
                 message=f"client= is for backend='dask'; the {cls.name} backend has no client",
             )
+        if options.start_method is not None:
+            _checks.choice("start_method", options.start_method, available_start_methods())
         return replace(
             options,
             processes=_checks.count("processes", options.processes),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ... import _checks, _platform
+from ... import _platform
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
@@ -54,14 +54,6 @@ class LocalTransport(Transport):
     min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
     stops_single_items = True  # one worker per item in flight: killing it stops the item
     writes_shared_in_place = True
-
-    @classmethod
-    def check_options(cls, options: TransportOptions) -> TransportOptions:
-        options = super().check_options(options)
-        methods = _platform.available_start_methods()
-        if options.start_method is not None:
-            _checks.choice("start_method", options.start_method, methods)
-        return options
 
     @classmethod
     def from_options(cls, options: TransportOptions) -> LocalTransport:
