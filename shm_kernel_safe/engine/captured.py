@@ -93,7 +93,7 @@ def _code_writes(
                         value,
                         getattr(fn, "__qualname__", code.co_name),
                         code.co_filename,
-                        _line(ins),
+                        _line(instructions, k),
                     )
         elif ins.opname == "LOAD_GLOBAL" and depth < _MAX_DEPTH:
             callee = globs.get(ins.argval)
@@ -128,7 +128,12 @@ def _container_load(instructions: list[dis.Instruction], k: int) -> dis.Instruct
             if same_start and ins.opname in _CONTAINER_LOADS:
                 return ins
         return None
-    # No column information (Python 3.10): ``name[index] = value`` with a simple index.
+    # No column information (Python 3.10): ``name[index] = value`` and
+    # ``name[index] += value`` with a simple index; other forms fail at run
+    # time instead, on the read-only array (see freeze).
+    if k >= 1 and instructions[k - 1].opname == "ROT_THREE":
+        dups = [j for j in range(k - 1, -1, -1) if instructions[j].opname == "DUP_TOP_TWO"]
+        k = dups[0] if dups else 0
     if k >= 2 and instructions[k - 1].opname.startswith("LOAD_"):
         ins = instructions[k - 2]
         return ins if ins.opname in _CONTAINER_LOADS else None
@@ -142,11 +147,14 @@ def _resolve(load: dis.Instruction, globs: dict[str, Any], cells: dict[str, Any]
     return globs.get(name)
 
 
-def _line(ins: dis.Instruction) -> int | None:
-    pos = getattr(ins, "positions", None)
+def _line(instructions: list[dis.Instruction], k: int) -> int | None:
+    pos = getattr(instructions[k], "positions", None)
     if pos is not None and pos.lineno is not None:
         return pos.lineno
-    return getattr(ins, "starts_line", None) or None
+    for ins in reversed(instructions[: k + 1]):  # Python 3.10: the line's first instruction
+        if isinstance(ins.starts_line, int) and not isinstance(ins.starts_line, bool):
+            return ins.starts_line
+    return None
 
 
 def unowned_writes(
