@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import nox
 
@@ -77,3 +78,46 @@ def spyder5_kernel(session: nox.Session) -> None:
         "'spyder-kernels', spyder_kernels.__version__)",
     )
     session.run("python", "-m", "pytest", *(session.posargs or ["-q", *SPYDER5_KERNEL_TESTS]))
+
+
+@nox.session(python=False)
+def release(session: nox.Session) -> None:
+    """Build the sdist and the wheel, check them, and tag the release.
+
+    ``nox -s release`` builds into ``dist/`` and checks: the metadata renders
+    on an index (``twine check --strict``), the wheel's contents
+    (``check-wheel-contents``), the version is released in CHANGELOG.md
+    (a ``## [X.Y.Z] - YYYY-MM-DD`` heading with its link definition) and is
+    not a development version. ``nox -s release -- --tag`` then makes the
+    annotated tag ``vX.Y.Z``. Uploading is left to a person: the project
+    has no index account or public address yet.
+    """
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    session.run(sys.executable, "-m", "pip", "install", "-q", "build", "twine",
+                "check-wheel-contents")  # fmt: skip
+    version = subprocess.run(
+        [sys.executable, "-c", "import shm_kernel_safe; print(shm_kernel_safe.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if re.search(r"(dev|a|b|rc)\d*$", version):
+        session.error(f"version {version} is a pre-release; set __version__ first")
+    changelog = Path("CHANGELOG.md").read_text(encoding="utf-8")
+    if not re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M):
+        session.error(f"CHANGELOG.md has no '## [{version}] - YYYY-MM-DD' section")
+    if not re.search(rf"^\[{re.escape(version)}\]: ", changelog, re.M):
+        session.error(f"CHANGELOG.md has no link definition for [{version}]")
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run(sys.executable, "-m", "build", "-o", "dist", ".")
+    session.run(sys.executable, "-m", "twine", "check", "--strict", *_dist_files())
+    session.run("check-wheel-contents", *[f for f in _dist_files() if f.endswith(".whl")])
+    if "--tag" in session.posargs:
+        session.run("git", "tag", "-a", f"v{version}", "-m", f"shm_kernel_safe {version}",
+                    external=True)  # fmt: skip
+
+
+def _dist_files() -> list[str]:
+    return sorted(glob.glob("dist/*"))

@@ -3,7 +3,9 @@
 # metadata, install the wheel (not editable) into a fresh virtual environment,
 # prove that environment imports the installed copy (not this checkout), then
 # run the demo and a few core tests against it from a directory outside the
-# checkout.  Usage: .ci/wheel.sh [PYTHON]   (~1-2 min)
+# checkout; then unpack the sdist alone, install it and run its own tests
+# from it, as a stranger with only the sdist would.
+# Usage: .ci/wheel.sh [PYTHON]   (~2-3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -14,10 +16,12 @@ trap 'rm -rf "$WORK"' EXIT
 
 echo "--- build sdist and wheel"
 "$PYTHON" -m venv "$WORK/build-env"
-"$WORK/build-env/bin/python" -m pip install -q build twine 2>&1 | grep -v "^WARNING: Location" || true
+"$WORK/build-env/bin/python" -m pip install -q build twine check-wheel-contents 2>&1 \
+    | grep -v "^WARNING: Location" || true
 "$WORK/build-env/bin/python" -m build -q -o "$WORK/dist" . >"$WORK/build.log" 2>&1 \
     || { cat "$WORK/build.log"; exit 1; }
 "$WORK/build-env/bin/python" -m twine check --strict "$WORK"/dist/*
+"$WORK/build-env/bin/check-wheel-contents" "$WORK"/dist/*.whl
 ls -l "$WORK/dist"
 
 WHEEL="$(ls "$WORK"/dist/*.whl)"
@@ -72,3 +76,18 @@ echo "--- the demo, from the installed wheel"
 echo "--- core tests against the installed wheel"
 "$PY" -m pytest -q tests/test_safe_close.py tests/test_original_crash.py
 "$PY" -m pytest -q tests/test_transports.py -k serial
+
+echo "--- the sdist alone: unpack it, install it, run its own tests from it"
+SDIST="$(ls "$WORK"/dist/*.tar.gz)"
+mkdir -p "$WORK/sdist" && tar xzf "$SDIST" -C "$WORK/sdist"
+SRC="$(ls -d "$WORK"/sdist/shm_kernel_safe-*)"
+for needed in tests/__init__.py tests/conftest.py tests/helpers.py tests/backends.py \
+    tests/kernels.py CHANGELOG.md docs/index.md notebooks/weather_hours.ipynb; do
+    [ -e "$SRC/$needed" ] || { echo "the sdist lacks $needed"; exit 1; }
+done
+"$PYTHON" -m venv "$WORK/sdist-env"
+"$WORK/sdist-env/bin/python" -m pip install -q "$SDIST" "pytest>=7.4" "pytest-timeout>=2.2" \
+    2>&1 | grep -v "^WARNING: Location" || true
+cd "$SRC"
+"$WORK/sdist-env/bin/python" -m pytest -q -p no:cacheprovider tests/test_safe_close.py \
+    tests/test_original_crash.py tests/test_cli.py

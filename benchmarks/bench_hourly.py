@@ -25,7 +25,7 @@ while x is unchanged (one content hash per call), and a call after
 sequence per round (cache emptied, calls 1, 2, 3, change, call 4).
 ``--mode blas`` times BLAS-heavy items (one 400x400 matmul each) with the
 default thread bound, with one BLAS thread set by hand in the items, and
-unbounded (every worker with all CPUs' threads, as before the bound).
+unbounded (every worker with all CPUs' threads).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
         sharing.release(rep)
 
     cap = share_cache.limit()
-    share_cache.limit(0)  # every dumps copies x into a fresh segment, as before the cache
+    share_cache.limit(0)  # every dumps copies x into a fresh segment: no cache
     share_cost, _ = timed(share_once, R)
     share_cache.limit(cap)
     check_cost, _ = timed(lambda: digest(x), R)  # the content check of a reused call
@@ -504,7 +504,7 @@ def main_blas(args: argparse.Namespace) -> None:
                 threads_per_worker=cpus,  # a separate, unbounded pool, limited by the items
             )
         ),
-        f"unbounded ({cpus} BLAS threads per worker, as before)": lambda: sks.parallel_map(
+        f"unbounded ({cpus} BLAS threads per worker)": lambda: sks.parallel_map(
             functools.partial(blas_item, mats),
             range(BLAS_ITEMS),
             processes=P,

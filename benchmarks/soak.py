@@ -48,7 +48,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from shm_kernel_safe.naming import parse_name  # noqa: E402
+from shm_kernel_safe.memory.naming import parse_name  # noqa: E402
 
 SHM = "/dev/shm"
 _BY_PID = re.compile(r"^(?:sem\.loky-|joblib_memmapping_folder_)(\d+)[-_]")

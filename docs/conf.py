@@ -33,6 +33,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
+    "sphinx.ext.graphviz",  # docs/architecture.dot; needs Graphviz's `dot` (Debian: graphviz)
     "sphinx.ext.viewcode",
 ]
 
@@ -40,6 +41,8 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "jupyter_execute"]
 html_theme = "furo"
 html_title = f"shm_kernel_safe {release}"
 html_static_path = ["_static"]
+
+graphviz_output_format = "svg"
 
 # --- MyST / myst-nb -------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "deflist"]

@@ -57,7 +57,7 @@ def register(name: str, closer: Closer, *, order: int, events: Iterable[str] = E
     Parameters
     ----------
     name
-        Unique name of what is closed (``"segments"``, ``"local-pools"`` ...).
+        Unique name of what is closed (``"segment-names"``, ``"local-pools"`` ...).
     closer
         Called with the event's name; exceptions it raises are swallowed
         (a shutdown must get to its end).

@@ -1,5 +1,5 @@
 """A cold pool: started in the background while a call copies its inputs,
-or at ``%load_ext`` when asked for (issue #13)."""
+or at ``%load_ext`` when asked for."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Our own LocalCluster cannot be entered by another process of this
 machine: it speaks TLS with temporary credentials only this process and the
 cluster hold. A client without them cannot connect, let alone run code;
-ours works as before."""
+ours, which holds them, works as usual."""
 
 from __future__ import annotations
 

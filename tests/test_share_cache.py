@@ -1,4 +1,4 @@
-"""Ordinary arrays shared once and reused while unchanged (issue #13):
+"""Ordinary arrays shared once and reused while unchanged:
 real pools, real segments, the sharing report's byte counts."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BLAS/OpenMP threads bounded in every worker we start (issue #13): asked
+"""BLAS/OpenMP threads bounded in every worker we start: asked
 of threadpoolctl inside real workers, under each start method and on our
 own dask cluster; the caller's own BLAS untouched."""
 

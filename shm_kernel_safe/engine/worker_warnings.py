@@ -111,7 +111,7 @@ def _showwarning(
     message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None
 ) -> None:
     recorder = getattr(_local, "recorder", None)
-    if recorder is None:  # another thread, or outside a chunk: as before
+    if recorder is None:  # another thread, or outside a chunk: Python's own handling
         _previous_showwarning(message, category, filename, lineno, file, line)
         return
     recorder.add(message, category, filename, lineno)

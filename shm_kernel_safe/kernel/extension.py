@@ -42,7 +42,7 @@ def load_ipython_extension(shell: Any) -> None:
 #: the background. Off by default: an idle pool costs a kernel 4 processes
 #: and ~54 MiB PSS (~105 MiB RSS) whether or not it ever runs a cell, and
 #: its workers exit after 10 idle minutes anyway; a cold call already starts
-#: its pool while it copies its inputs. Measured in issue #13's notes.
+#: its pool while it copies its inputs.
 PRESTART_ENV = "SHM_KERNEL_SAFE_PRESTART"
 
 

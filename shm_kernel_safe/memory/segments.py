@@ -65,7 +65,7 @@ class SegmentRecord:
 
 _registry_lock = threading.RLock()
 _registry: dict[str, SegmentRecord] = {}
-_mapping_ids: dict[int, str] = {}  # id(mmap) -> name, for segment_of()
+_mapping_ids: dict[int, str] = {}  # id(mmap) -> name, for segment_name_of_mapping()
 
 
 class Segment:

@@ -25,8 +25,8 @@ the next call, tied to the caller's array *object*:
 * **Bounded.** At most :func:`limit` bytes are cached (default: half the
   shared-memory filesystem), least recently used first out; a copy
   that would leave less than a quarter of the filesystem free evicts older
-  ones first, and a copy that cannot be cached is made for the call alone,
-  as before. When creating any copy fails for lack of space, the cache is
+  ones first, and a copy that cannot be cached is made for the call alone
+  and freed after it. When creating any copy fails for lack of space, the cache is
   emptied and the copy tried once more: the cache never causes an error
   that would not happen without it.
 """
@@ -107,7 +107,7 @@ class ShareCache:
         Parameters
         ----------
         max_bytes : int, optional
-            New cap; 0 turns the cache off (every call copies, as before).
+            New cap; 0 turns the cache off (every call copies its inputs anew).
             Copies over a lowered cap are dropped at once.
 
         Returns

@@ -17,7 +17,7 @@ Clusters given by the user (``client=`` / ``--scheduler``) are used exactly
 as their owner configured them.
 
 ``SHM_KERNEL_SAFE_DASK_TLS=0`` in the environment turns this off for our
-own cluster (plain ``tcp://`` on loopback, as before), e.g. to measure what
+own cluster (plain ``tcp://`` on loopback), e.g. to measure what
 TLS costs (``benchmarks/bench_dask.py --tls both``).
 """
 
