@@ -7,8 +7,10 @@ objects, so ``breakpoint()`` stops in it, ``%debug`` after a failure lands
 in the frame where the item failed, and print output appears in order. It
 is what joblib's ``n_jobs=1`` and dask's synchronous scheduler are to them.
 
-Differences, by nature: the function may modify the arrays it reads
-(workers get read-only views); ``out=`` arrays are written directly, so
+The arrays the function captures are read-only for the run, as in
+workers, except ``out=`` arrays and writable shared arrays (which workers
+write in place too), so a write lands or fails the same way on every
+backend. Differences, by nature: ``out=`` arrays are written directly, so
 they also hold the writes of a run that failed; a ``timeout`` stops the
 run between items (an item running is not interrupted); Ctrl-C raises
 ``KeyboardInterrupt`` from inside the item.
