@@ -77,12 +77,17 @@ def arrays(name: str, value: Any, *, writable: bool = False) -> tuple[np.ndarray
     result = tuple(value)
     for i, arr in enumerate(result):
         if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-            raise InvalidArgumentTypeError(
-                name, f"is a {type(arr).__name__}, not a numeric ndarray", index=i
-            )
+            raise InvalidArgumentTypeError(name, f"is {_a(arr)}, not a numeric ndarray", index=i)
         if writable and not arr.flags.writeable:
             raise InvalidArgumentError(name, "is read-only", index=i)
     return result
+
+
+def _a(value: Any) -> str:
+    kind = type(value).__name__
+    if isinstance(value, np.ndarray):
+        kind = f"{value.dtype} ndarray"  # an object array is an ndarray too
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def callable_(name: str, value: Any) -> Any:
