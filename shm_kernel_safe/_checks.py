@@ -10,6 +10,7 @@ transport's options and the share cache's cap all use the same words.
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -97,13 +98,19 @@ def callable_(name: str, value: Any) -> Any:
     return value
 
 
-def unknown_keywords(where: str, given: dict[str, Any], peers: dict[str, str]) -> None:
-    """Refuse keyword arguments ``where`` does not take, with a hint for the
-    names other libraries use for the same thing (``peers``: name -> hint)."""
+def unknown_keywords(
+    where: str, given: dict[str, Any], peers: dict[str, str], known: Iterable[str] = ()
+) -> None:
+    """Refuse keyword arguments ``where`` does not take, with a hint: the
+    argument of ours for a name other libraries use (``peers``: name ->
+    hint), or the closest of the ``known`` names for a typo."""
     if not given:
         return
     name = sorted(given)[0]
     hint = peers.get(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f"{close[0]}=" if close else None
     if hint is None:
         raise InvalidArgumentTypeError(
             name, f"is not an argument of {where}", message=f"{where} has no {name}= argument"

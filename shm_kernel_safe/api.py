@@ -3,6 +3,7 @@ makes. It picks a transport by name and hands the run to the engine."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -231,6 +232,7 @@ def parallel_map(
         retries=retries,
         item_timeout=item_timeout,
         unknown=unknown,
+        known=_PARAMETERS,
         transport=transport_type,
     )
     seq = args.items
@@ -278,6 +280,10 @@ def parallel_map(
         _last.errors = failed
         warnings.warn(ItemsFailedWarning(failed.summary(), failed), stacklevel=2)
     return result
+
+
+#: parallel_map's own keyword arguments, for the "did you mean" of a typo.
+_PARAMETERS = tuple(inspect.signature(parallel_map).parameters)[2:-1]
 
 
 def _prior(resume: Any, n_items: int) -> tuple[np.ndarray, Any] | None:

@@ -203,6 +203,8 @@ def test_peer_names_say_what_to_use():
         sks.parallel_map(abs, range(3), backend="loky")
     with pytest.raises(TypeError, match=r"did you mean progress='text'"):
         sks.parallel_map(abs, range(3), verbose=1)
+    with pytest.raises(TypeError, match=r"no chunk= argument; did you mean chunksize="):
+        sks.parallel_map(abs, range(3), chunk=10)
 
 
 @pytest.mark.usefixtures("no_orphans")

@@ -70,14 +70,17 @@ def check_run(
     retries: Any = 0,
     item_timeout: Any = None,
     unknown: dict[str, Any] | None = None,
+    known: Iterable[str] = (),
     transport: type[Transport],
 ) -> RunArguments:
     """Every argument of a run, checked; raises the first invalid one by name.
 
     ``transport`` is the class the run will use: what it can do decides
     some arguments (``item_timeout``, writes into shared arrays).
+    ``unknown`` are keyword arguments the caller does not take, ``known``
+    those it does (for a "did you mean").
     """
-    _checks.unknown_keywords("parallel_map", unknown or {}, PEER_KEYWORDS)
+    _checks.unknown_keywords("parallel_map", unknown or {}, PEER_KEYWORDS, known)
     fn = _checks.callable_("fn", fn)
     seq = as_sequence(items)
     outputs = _checks.arrays("out", out, writable=True)
