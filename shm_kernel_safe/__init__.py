@@ -55,6 +55,12 @@ def share_cache_limit(max_bytes: int | None = None) -> int:
     -------
     int
         The cap in force.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``max_bytes`` is not an integer >= 0 (``InvalidArgumentTypeError``
+        for a wrong type).
     """
     return _share_cache.limit(max_bytes)
 
