@@ -304,3 +304,43 @@ def test_the_magics_hint_points_at_the_cell(ip):
     assert res.success, res.error_in_exec
     hints = [w for w in caught if issubclass(w.category, sks.PerformanceHint)]
     assert len(hints) == 1 and hints[0].filename.startswith("<shm_parallel cell ")
+
+
+@pytest.mark.timeout(240)
+def test_seed_pattern_in_a_real_kernel():
+    """The seed's cells in ipykernel: the magic without --out fills y and says
+    so once; parallel_map without out= is refused naming the fix; a cold
+    run of tiny items shows one PerformanceHint line on stderr."""
+    from .helpers import shm_entries
+    from .kernels import evaluate, execute, kernel
+
+    before = shm_entries()
+    with kernel("ipykernel") as (_km, client):
+        execute(client, "%load_ext shm_kernel_safe")
+        execute(
+            client,
+            "import numpy as np, shm_kernel_safe as sks\n"
+            "x = np.random.default_rng(0).standard_normal((876_000, 2))  # 14 MB: shared\n"
+            "y = np.zeros(8760)\n",
+        )
+        res = execute(
+            client,
+            "%%shm_parallel nn in range(8760) -n 2 --start-method spawn --progress none\n"
+            "y[nn] = x[nn::8760].sum()\n",
+        )
+        assert res["status"] == "ok", res
+        assert res["stdout"].count("treated as --out y") == 1, res["stdout"]
+        assert res["stderr"].count("PerformanceHint") <= 1, res["stderr"]
+        check = "bool(np.allclose(y, [x[n::8760].sum() for n in range(8760)]))"
+        assert evaluate(client, check) == "True"
+        res = execute(
+            client,
+            "y[:] = 0\n"
+            "def hour(nn):\n    y[nn] = x[nn::8760].sum()\n"
+            "sks.parallel_map(hour, range(8760), processes=2, start_method='spawn')\n",
+        )
+        assert res["status"] == "error" and res["error"]["ename"] == "InvalidArgumentError"
+        assert "out=[y]" in res["error"]["evalue"], res["error"]["evalue"]
+        assert evaluate(client, "int(np.count_nonzero(y))") == "0"
+        execute(client, "sks.shutdown_pools()")
+    assert shm_entries() == before
