@@ -3,6 +3,7 @@ leaks of any kind.
 
     python benchmarks/soak.py --rounds 20                   # all three phases
     python benchmarks/soak.py --demo 20 --spyder 50 --fuzz-steps 10000
+    python benchmarks/soak.py --rounds 0 --fuzz-steps 0 --kills 200   # the kill phase
 
 Phases (each round in fresh processes):
 
@@ -14,7 +15,15 @@ Phases (each round in fresh processes):
   view (which computes min/max of every array), then a graceful shutdown
   as a frontend does it (jupyter_client interrupts, then asks);
 * ``fuzz``: the stateful test (``tests/test_stateful.py``) for
-  ``--fuzz-steps`` steps in one pytest run.
+  ``--fuzz-steps`` steps in one pytest run;
+* ``kill``: ``--kills`` SIGKILLs of random local workers at random moments
+  across many runs (``errors="raise"``, ``"continue"``, ``retries=3`` at
+  random), in one process; after every run the run's ledger (``exc.done``,
+  the result's mask) is compared with what the items wrote into an ``out=``
+  array, and a side-channel file proves which item ran twice. A miscounted
+  item is one the ledger calls done that did not write, or calls failed
+  that completed (an item stopped by the kill between its last write and
+  being counted is listed apart, as "caught mid-write").
 
 After every round: the ``/dev/shm`` entries made by the processes of that
 round (the process under test and every descendant seen while it ran:
@@ -238,7 +247,111 @@ def spyder_round(args: argparse.Namespace) -> Round:
     return judge(before, tree, ok, detail, t0)
 
 
-PHASES = {"demo": demo_round, "spyder": spyder_round, "fuzz": fuzz_round}
+KILL_SCRIPT = r"""
+import json, os, random, signal, sys, tempfile, threading, time, warnings
+from collections import Counter
+import numpy as np
+import shm_kernel_safe as sks
+from shm_kernel_safe.transports.local import pool
+
+kills_wanted = int(sys.argv[1])
+rng = random.Random(int(sys.argv[2]))
+warnings.simplefilter("ignore")
+N = 1500
+log = tempfile.mktemp(prefix="sks-soak-ran-")
+active = threading.Event()
+stop = threading.Event()
+kills = {"n": 0, "run": 0}
+
+def killer():
+    while not stop.is_set():
+        time.sleep(rng.uniform(0.05, 0.4))
+        if not active.is_set():
+            continue
+        pids = [p for info in pool.pool_info() for p in info["pids"]]
+        if pids and kills["n"] < kills_wanted:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills["n"] += 1
+            kills["run"] += 1
+
+def item(i, rows, log):
+    time.sleep(0.0005)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, b"%d\n" % i)
+    os.close(fd)
+    rows[i] = i + 1  # the item's last act
+    return i
+
+totals = Counter()
+threading.Thread(target=killer, daemon=True).start()
+while kills["n"] < kills_wanted:
+    mode = rng.choice(["raise", "continue", "retries"])
+    opts = {"raise": {}, "continue": {"errors": "continue"}, "retries": {"retries": 3}}[mode]
+    rows = sks.zeros(N)
+    with open(log, "w"):
+        pass
+    kills["run"] = 0
+    active.set()
+    try:
+        out = sks.parallel_map(lambda i: item(i, rows, log), range(N), processes=2,
+                               out=[rows], **opts)
+        done = ~np.ma.getmaskarray(out)
+    except sks.WorkerDiedError as exc:
+        done = exc.done
+        out = None
+    finally:
+        active.clear()
+    wrote = rows != 0
+    with open(log) as f:
+        ran = Counter(int(x) for x in f.read().split())
+    totals["runs"] += 1
+    totals["items"] += N
+    totals["miscounted"] += int((done & ~wrote).sum())
+    mid = int((wrote & ~done).sum())
+    totals["caught_mid_write"] += mid
+    totals["ran_twice"] += sum(1 for c in ran.values() if c > 1)
+    if out is not None and mode == "continue":
+        failed = [e.index for e in sks.last_errors()]
+        masked = np.flatnonzero(np.ma.getmaskarray(out)).tolist()
+        totals["miscounted"] += len(set(failed) ^ set(masked))
+    if out is not None and mode == "retries":
+        totals["miscounted"] += int((~done).sum())
+stop.set()
+os.unlink(log)
+sks.shutdown_pools()
+totals["kills"] = kills["n"]
+print(json.dumps(dict(totals)))
+"""
+
+
+def kill_round(args: argparse.Namespace) -> Round:
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(args.kills), str(args.seed)]
+    before = shm_now()
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        tree = Tree(proc.pid)
+        try:
+            proc.wait(timeout=3600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        tree.stop()
+        log.seek(0)
+        out = log.read()
+    try:
+        counts = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return judge(before, tree, False, f"exit {proc.returncode}: {out[-1500:]}", t0)
+    ok = proc.returncode == 0 and counts.get("miscounted", 1) == 0
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return judge(before, tree, ok, detail, t0)
+
+
+PHASES = {"demo": demo_round, "spyder": spyder_round, "fuzz": fuzz_round, "kill": kill_round}
 
 
 def main() -> int:
@@ -248,12 +361,15 @@ def main() -> int:
     parser.add_argument("--spyder", type=int, help="rounds in Spyder's kernel (default: --rounds)")
     parser.add_argument("--fuzz-steps", type=int, default=10_000, help="0 skips the fuzz")
     parser.add_argument("--demo-rows", type=int, default=2_000_000, help="rows of x in the demo")
+    parser.add_argument("--kills", type=int, default=200, help="worker kills; 0 skips them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill phase")
     parser.add_argument("--json", help="also write every round's result to this file")
     args = parser.parse_args()
     plan = {
         "demo": args.rounds if args.demo is None else args.demo,
         "spyder": args.rounds if args.spyder is None else args.spyder,
         "fuzz": 1 if args.fuzz_steps > 0 else 0,
+        "kill": 1 if args.kills > 0 else 0,
     }
     results: dict[str, list[Round]] = {}
     for phase, n in plan.items():
@@ -265,7 +381,7 @@ def main() -> int:
             mark = "FAIL" if bad else "ok"
             print(
                 f"{phase} {i + 1}/{n}: {mark} in {r.seconds:.1f} s"
-                + (f"; {r.detail}" if r.detail else "")
+                + (f"; {r.detail}" if r.detail and (bad or phase == "kill") else "")
                 + (f"; leaked {r.leaked}" if r.leaked else "")
                 + (f"; leftover pids {r.leftover}" if r.leftover else "")
                 + (f"; unattributed new entries {r.unattributed}" if r.unattributed else ""),

@@ -1,11 +1,22 @@
 """Random sequences of everything a user, a pool and a variable explorer do
 to shared memory: never a crash, never a wrong value, and /dev/shm back to
-where it started."""
+where it started. And random sequences of runs that fail in every way
+(workers killed, items timed out, interrupts, concurrent runs): the ledger
+always equals what the items wrote."""
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import functools
 import gc
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import warnings
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -16,6 +27,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 import shm_kernel_safe as sks
 from shm_kernel_safe.memory.segments import Segment, unlink_name
+from shm_kernel_safe.transports.local import pool
 
 from .helpers import shm_entries
 
@@ -180,3 +192,194 @@ SharedMemoryMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_shared_memory_machine = SharedMemoryMachine.TestCase
+
+
+# -- runs under failure: the ledger equals what the items wrote -------------------
+
+
+def _write_row(i, rows, stuck_at, die_at, marker):
+    """An item: dies at ``die_at`` (once, ``marker``), hangs at ``stuck_at``,
+    else writes ``i + 1`` into its row, as its last act."""
+    if i == die_at and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    if i == stuck_at:
+        time.sleep(3600)
+    time.sleep(0.001)
+    rows[i] = i + 1
+    return i
+
+
+class RunsMachine(RuleBasedStateMachine):
+    """Runs with worker kills (from inside and from outside), item timeouts,
+    interrupts and concurrent runs; after every step, the run's ledger equals
+    what its items wrote into an ``out=`` array."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = shm_entries()
+        self.tmp = tempfile.mkdtemp(prefix="sks-stateful-")
+        self.steps = 0
+        self.checked = 0
+
+    def _marker(self) -> str:
+        self.steps += 1
+        return os.path.join(self.tmp, f"died-{self.steps}")
+
+    def _check(self, done, rows, slack: int = 0) -> None:
+        """The ledger claims nothing not written; it misses at most ``slack``
+        items (stopped from outside between their write and being counted)."""
+        wrote = rows != 0
+        assert not (done & ~wrote).any(), np.flatnonzero(done & ~wrote)[:10]
+        assert (wrote & ~done).sum() <= slack, np.flatnonzero(wrote & ~done)[:10]
+        self.checked += 1
+
+    def _run(self, n, rows, *, stuck_at=-1, die_at=-1, **options):
+        marker = self._marker()
+        return sks.parallel_map(
+            functools.partial(
+                _write_row, rows=rows, stuck_at=stuck_at, die_at=die_at, marker=marker
+            ),
+            range(n),
+            processes=2,
+            out=[rows],
+            **options,
+        )
+
+    @rule(n=st.integers(1, 300), mode=st.sampled_from(["raise", "continue", "retries"]))
+    def worker_dies_inside(self, n, mode):
+        die_at = n // 2
+        rows = sks.zeros(n)
+        options = {"raise": {}, "continue": {"errors": "continue"}, "retries": {"retries": 1}}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", sks.ItemsFailedWarning)
+                out = self._run(n, rows, die_at=die_at, **options[mode])
+        except sks.WorkerDiedError as exc:
+            assert mode == "raise" and exc.index == die_at
+            self._check(exc.done, rows)
+            return
+        done = ~np.ma.getmaskarray(out)
+        expect_failed = [die_at] if mode == "continue" else []
+        assert np.flatnonzero(~done).tolist() == expect_failed
+        self._check(done, rows)
+
+    @rule(n=st.integers(200, 600), after=st.floats(0.05, 0.4), errors=st.booleans())
+    def worker_killed_from_outside(self, n, after, errors):
+        rows = sks.zeros(n)
+        sks.prestart(processes=2)
+        pids = [p for info in pool.pool_info() for p in info["pids"]]
+        timer = threading.Timer(after, _kill_quietly, args=(pids[:1],))
+        timer.start()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", sks.ItemsFailedWarning)
+                out = self._run(n, rows, errors="continue" if errors else "raise")
+            done = ~np.ma.getmaskarray(out)
+        except sks.WorkerDiedError as exc:
+            done = exc.done
+        finally:
+            timer.cancel()
+            timer.join()
+        self._check(done, rows, slack=2)
+
+    @rule(n=st.integers(20, 200))
+    def item_timeout(self, n):
+        rows = sks.zeros(n)
+        stuck = n // 3
+        with pytest.warns(sks.ItemsFailedWarning):
+            out = self._run(n, rows, stuck_at=stuck, errors="continue", item_timeout=0.5)
+        assert np.flatnonzero(np.ma.getmaskarray(out)).tolist() == [stuck]
+        self._check(~np.ma.getmaskarray(out), rows)
+
+    @rule(n=st.integers(100, 2000), after=st.floats(0.05, 0.6))
+    def interrupt(self, n, after):
+        rows = sks.zeros(n)
+        inside = threading.Event()
+
+        def handler(signum, frame):
+            if inside.is_set():
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, handler)
+        timer = threading.Timer(after, os.kill, args=(os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            inside.set()
+            try:
+                out = self._run(n, rows)
+                done = np.ones(n, dtype=bool)
+                assert out.tolist() == list(range(n))
+            except KeyboardInterrupt as exc:
+                done = getattr(exc, "done", None)
+                if done is None:  # landed before the run began
+                    done = np.zeros(n, dtype=bool)
+            finally:
+                inside.clear()
+                timer.cancel()
+                timer.join()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self._check(done, rows, slack=2)
+
+    @rule(n=st.integers(50, 400))
+    def concurrent_runs(self, n):
+        rows_a, rows_b = sks.zeros(n), sks.zeros(n)
+        outcome = {}
+
+        def other():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", sks.ItemsFailedWarning)
+                    outcome["b"] = self._run(n, rows_b, die_at=n // 2, errors="continue")
+            except BaseException as exc:  # checked below
+                outcome["b"] = exc
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        out_a = self._run(n, rows_a)
+        thread.join(300)  # a hang guard: a lost worker ends a run within ~60 s
+        if thread.is_alive():
+            faulthandler.dump_traceback(all_threads=True)  # where it waits, for the log
+        assert out_a.tolist() == list(range(n))
+        self._check(np.ones(n, dtype=bool), rows_a)
+        out_b = outcome.get("b", "still running after 300 s")
+        assert isinstance(out_b, np.ma.MaskedArray), out_b
+        assert np.flatnonzero(out_b.mask).tolist() == [n // 2]
+        self._check(~out_b.mask, rows_b)
+
+    @invariant()
+    def no_private_pool_outlives_its_run(self):
+        assert not [p for p in pool.pool_info() if p["private"]]
+
+    def teardown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        pool.shutdown_all()
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while (left := {e for e in shm_entries() - self.start if e.startswith("sks")}) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+            gc.collect()
+        assert not left, left
+
+
+def _kill_quietly(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+#: Steps of the runs machine (each a real run or two); soak runs more.
+RUN_STEPS = int(os.environ.get("SHM_KERNEL_SAFE_RUN_STEPS", "12"))
+
+RunsMachine.TestCase.settings = settings(
+    max_examples=max(1, RUN_STEPS // 6),
+    stateful_step_count=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_runs_machine = pytest.mark.timeout(600)(
+    pytest.mark.usefixtures("no_orphans")(RunsMachine.TestCase)
+)

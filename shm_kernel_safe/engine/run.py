@@ -6,6 +6,34 @@ payload, planning chunks (a probe, then guided chunks), the wait loop
 and gathering the results. Whatever happens (an item that raises, a dead
 worker, a timeout, Ctrl-C) the run cancels what is left, stops stuck
 workers, and releases everything it holds before returning.
+
+The wait loop and the ledger::
+
+    submit(chunks) ──► transport ──► workers: items start..stop, each counted
+         ▲                │             in shared memory (control block DONE)
+         │                │ wait(<= POLL_INTERVAL)
+         │                ▼
+         │        ┌─ ChunkResult ──────────► _take ──┐
+         │        ├─ WorkerLost(salvage,   ► _recover┤   the ledger (this Run):
+         │        │    culprits)                     ├─► done[item], results,
+         │        ├─ nothing: progress, item_timeout,│   failures, attempts
+         │        │    deadline (timeout=)           │
+         │        └─ stall: no chunk runs for        │
+         │             STALL_SECONDS (local) ────────┘
+         └── rest of a lost chunk (split around its culprit), retries
+
+``done`` is the ledger: an item is done once a chunk's result or, when its
+worker died, the transport's ``salvage`` (what the control block counted,
+with the values and errors of the chunk's log) says so; a done item is never
+submitted again. Culprits (the items dead workers were running) fail or go
+again on a fresh worker (``retries``); ``exc.done`` and ``exc.partial`` of
+any error are ``done`` and the values it marks.
+
+Every wait is bounded and named: ``wait`` returns within ``POLL_INTERVAL``;
+a run ends on ``timeout=`` (``ParallelTimeoutError``), a worker death
+(``WorkerDiedError`` unless recovered), a stalled pool (``WorkerDiedError``
+"... or hung"), an interrupt (``ParallelInterrupt``); cancelling waits
+``CANCEL_GRACE`` for running chunks, then stops their workers.
 """
 
 from __future__ import annotations
@@ -38,6 +66,9 @@ ProgressCallback = Callable[[int, int], None]
 
 #: How long running chunks get to notice a cancel before their workers are stopped.
 CANCEL_GRACE = 0.5
+#: Pools lost with no item to blame (workers that die idle, or as they
+#: start) after which the run stops instead of starting workers again.
+MAX_BLAMELESS_LOSSES = 3
 #: How often the wait loop wakes for progress and the deadline, in seconds.
 POLL_INTERVAL = 0.05
 
@@ -111,6 +142,8 @@ class Run:
         self.done = np.zeros(self.n_items, dtype=bool)
         self.failures: dict[int, BaseException] = {}  # item -> its error (keep_going)
         self.attempts: dict[int, int] = {}  # item -> times its worker died under it
+        self.recovered = False  # a worker died: chunks were salvaged and split
+        self.blameless_losses = 0  # workers lost while running none of our items
         self.timed_out: set[int] = set()
         self.stacked: np.ndarray | None = None
         self.plan: Plan | None = None
@@ -140,21 +173,31 @@ class Run:
         try:
             self._run_chunks(plan.chunks)
             if plan.probing:
-                probe = self.results[0]
-                fixed = time.monotonic() - started - probe.seconds
-                hints.warn_if_not_worth_it(
-                    self.fn, self.n_items, probe.seconds, fixed, stacklevel=3
-                )
-                if probe.done and probe.values and 0 not in self.failures:
-                    self.stacked = transport.stack_results(probe.values[0], self.n_items)
-                self._run_chunks(plan.cut_rest(probe.seconds, transport.min_chunk_seconds))
+                # Item 0 may have come back in chunk 0, or (its worker died
+                # or was stopped) in a chunk run again, or failed.
+                value, seconds = self._probe()
+                if seconds > 0:
+                    fixed = time.monotonic() - started - seconds
+                    hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
+                if self.done[0] and 0 not in self.failures:
+                    self.stacked = transport.stack_results(value, self.n_items)
+                self._run_chunks(plan.cut_rest(seconds, transport.min_chunk_seconds))
         except BaseException as exc:
             raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
         transport.land_outputs()
-        if not self.failures and not self.attempts and self.positions is None:
+        if not (self.failures or self.recovered) and self.positions is None:
             return gather(self.results.values(), self.n_items, self.stacked)
         return finish(self.values(), self.done)
+
+    def _probe(self) -> tuple[Any, float]:
+        """Item 0's value and the seconds it took (0.0: unknown, e.g. salvaged)."""
+        for res in self.results.values():
+            chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
+            if chunk.start == 0 and res.done >= 1:
+                value = res.values[0] if res.values else res.misfits.get(0)
+                return value, res.seconds / res.done
+        return None, 0.0
 
     def _chunk_bound(self, workers: int) -> int:
         # The most chunks the plan sends to ``workers`` workers: asked by a
@@ -199,7 +242,7 @@ class Run:
         self.pending.add(chunk.number)
 
     def _take(self, res: ChunkResult) -> None:
-        """Record a chunk's result: what completed, what failed."""
+        """Record a chunk's result in the ledger: what completed, what failed."""
         chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
         worker_warnings.reissue(res.warnings, self.fn)
         self.results[res.chunk] = res
@@ -219,36 +262,59 @@ class Run:
 
     # -- dead and stuck workers ----------------------------------------------------
     def _recover(self, lost: WorkerLost) -> None:
-        """A worker died: fail or retry the item it ran, run the rest again.
+        """Workers died: keep what their chunks completed, fail or retry the
+        items they ran, and run the rest of those chunks again.
 
-        Every chunk the transport lost goes again (split around the culprit);
-        where the culprit is not known, item by item, so that the next death
-        names it. Raises when the item fails and ``errors="raise"``.
+        What the lost chunks completed (``lost.salvage``) enters the ledger
+        first and never runs again. The rest of each lost chunk goes again,
+        split around its culprit; where no culprit is known, item by item,
+        so that the next death names it. Raises when an item fails and
+        ``errors="raise"``.
         """
         plan = self.plan
         assert plan is not None
+        self.recovered = True
+        for res in lost.salvage:
+            if res.chunk in self.pending:
+                self._take(res)  # a salvaged result carries no error to raise
         lost_chunks = [c for c in lost.chunks if c in self.pending]
-        culprit = lost.index
-        failed_now = False
-        if culprit is not None:
+        failed_now: list[int] = []
+        retried: list[int] = []
+        for culprit in lost.indices:
             self.attempts[culprit] = self.attempts.get(culprit, 0) + 1
-            failed_now = culprit in self.timed_out or self.attempts[culprit] > self.retries
+            if culprit in self.timed_out or self.attempts[culprit] > self.retries:
+                failed_now.append(culprit)
+            else:
+                retried.append(culprit)
         if failed_now and not self.keep_going:
-            raise self._item_lost_error(culprit, lost)  # type: ignore[arg-type]
-        if not lost.recoverable or (culprit is None and not self.keep_going and self.retries == 0):
+            raise self._item_lost_error(failed_now[0], lost)
+        if lost.blameless:
+            self.blameless_losses += 1
+        if (
+            not lost.recoverable
+            or (lost.blameless and self.blameless_losses > MAX_BLAMELESS_LOSSES)
+            or (
+                not lost.blameless
+                and not lost.indices
+                and not self.keep_going
+                and self.retries == 0
+            )
+        ):
             raise self._worker_died(lost)
         self.transport.recover()
-        if failed_now:
-            self.failures[culprit] = self._item_lost_error(culprit, lost)  # type: ignore[index]
+        for culprit in failed_now:
+            self.failures[culprit] = self._item_lost_error(culprit, lost)
         for number in lost_chunks:
             self.pending.discard(number)
             chunk = plan.chunks[number]
             start = chunk.start + (self.results[number].done if number in self.results else 0)
-            if culprit is not None and start <= culprit < chunk.stop:
+            inside = [c for c in lost.indices if start <= c < chunk.stop]
+            if inside:
+                culprit = inside[0]
                 spans = [(start, culprit), (culprit + 1, chunk.stop)]
-                if not failed_now:
+                if culprit in retried:
                     spans.append((culprit, culprit + 1))
-            elif culprit is None:
+            elif not lost.indices and not lost.blameless:
                 spans = [(i, i + 1) for i in range(start, chunk.stop)]
             else:
                 spans = [(start, chunk.stop)]
@@ -317,7 +383,7 @@ class Run:
             what = f"item {self._original(index)} ({short_repr(self.items, index)})"
         else:
             what = lost.span
-        message = f"{lost.who} died{lost.how}"
+        message = f"{lost.workers.get(index, lost.who)} died{lost.how}"
         if what:
             message += f" while running {what}"
         if lost.recovery:

@@ -61,9 +61,14 @@ class TransportOptions:
 class WorkerLost(Exception):
     """A transport's report that a worker died; the engine words the error.
 
-    ``chunks`` are the chunks whose results are lost (the transport can run
-    them again after :meth:`Transport.recover`), ``index`` is the item the
-    dead worker was running when known exactly,
+    ``chunks`` are the chunks whose result messages are lost (the transport
+    can run them again after :meth:`Transport.recover`); ``salvage`` holds,
+    for each of them that the transport can tell, what it completed before
+    (a :class:`ChunkResult` with ``done`` items from its start, their values
+    or failures), which the run keeps and never runs again. ``indices`` are
+    the items dead workers were running, when known exactly (``index`` is
+    the first of them); ``blameless`` says the workers died while running
+    none of the run's items (idle), so the run goes on whatever its options,
     ``span`` describes what it may have been running otherwise (``"one of
     items 0-99"``), ``how`` says how it died and ``recovery`` what was done
     about it.
@@ -75,6 +80,10 @@ class WorkerLost(Exception):
         chunks: list[int],
         recoverable: bool = True,
         index: int | None = None,
+        indices: list[int] | None = None,
+        salvage: list[ChunkResult] | None = None,
+        blameless: bool = False,
+        workers: dict[int, str] | None = None,
         span: str = "",
         who: str = "a worker process",
         how: str = "",
@@ -84,7 +93,13 @@ class WorkerLost(Exception):
         super().__init__(who, how)
         self.chunks = chunks  # chunks whose results are lost with the worker
         self.recoverable = recoverable  # False: the run cannot go on (its data is gone)
-        self.index = index
+        if indices is None:
+            indices = [] if index is None else [index]
+        self.indices = sorted(indices)
+        self.index = self.indices[0] if self.indices else None
+        self.salvage = salvage or []
+        self.blameless = blameless  # workers died running no item: run it all again
+        self.workers = workers or {}  # item in ``indices`` -> the worker that died on it
         self.span = span
         self.who = who
         self.how = how

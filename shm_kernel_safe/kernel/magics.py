@@ -439,6 +439,7 @@ class ShmMagics(Magics):
             print(
                 f"  {info['processes']} x {info['start_method']}, "
                 f"{threads} BLAS thread{'' if threads == 1 else 's'} each: pids {info['pids']}"
+                + ("  (a run's own, stopped when it ends)" if info.get("private") else "")
             )
         clusters = dask_cluster.status_lines()  # imports no dask unless it was used
         print(f"Dask clusters: {len(clusters)}")

@@ -5,9 +5,15 @@ was a dead worker on" cost no message at all:
 
 * slot ``CANCEL``: the parent sets it to ask running chunks to stop between
   items (on a task error, a timeout or an interrupt);
-* one row per chunk: pid of the worker running it, items done, state, and
+* one row per chunk: pid of the worker running it, items done, state,
   (when the run has an item timeout) when its current item started, in
-  milliseconds of the system-wide monotonic clock.
+  milliseconds of the system-wide monotonic clock, and how many bytes of
+  the chunk's log are complete (``worker.Log``).
+
+``DONE`` is the ledger's source: items ``start .. start + DONE - 1`` of a
+chunk completed, and their results and ``out=`` writes are where the parent
+finds them (the stacked array, the log, the arrays), even when the worker
+died before its chunk's result message was sent.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from ...memory.arrays import empty
 
 CANCEL = 0
 HEADER = 8
-ROW = 4
-PID, DONE, STATE, ITEM_STARTED = 0, 1, 2, 3
-PENDING, RUNNING, FINISHED = 0, 1, 2
+ROW = 5
+PID, DONE, STATE, ITEM_STARTED, LOG_END = 0, 1, 2, 3, 4
+# LOADING: a worker took the chunk and loads the call's payload; RUNNING: it
+# runs items. Only RUNNING counts as progress for the stall check.
+PENDING, RUNNING, FINISHED, LOADING = 0, 1, 2, 3
 
 
 class ControlBlock:
@@ -44,6 +52,6 @@ class ControlBlock:
 
     def running(self) -> list[tuple[int, int, int, int]]:
         """(row, pid, items done, item start ms) of chunks started and not finished."""
-        rows = np.nonzero(self.table[:, STATE] == RUNNING)[0]
+        rows = np.nonzero(np.isin(self.table[:, STATE], (RUNNING, LOADING)))[0]
         t = self.table
         return [(int(r), int(t[r, PID]), int(t[r, DONE]), int(t[r, ITEM_STARTED])) for r in rows]

@@ -1,5 +1,6 @@
-"""Warm worker pools, one per (processes, start method, BLAS threads), kept
-across calls.
+"""The local backend's workers: one warm pool per process, kept across calls
+and resized on demand, plus a private executor for a run that starts while
+another holds the pool.
 
 Built on loky's ProcessPoolExecutor (joblib's backend) rather than
 ``multiprocessing.Pool``: loky notices a worker that dies (segfault,
@@ -18,7 +19,9 @@ or a script without ``if __name__ == "__main__"`` all work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import time
 import warnings
 import weakref
 from typing import Any
@@ -36,8 +39,17 @@ FORKSERVER_PRELOAD = ("numpy", "cloudpickle", "shm_kernel_safe.transports.local.
 #: Idle workers exit after this many seconds, releasing what they keep mapped.
 IDLE_TIMEOUT = 600.0
 
+#: Seconds idle extra workers get to exit when the pool shrinks (then it is replaced).
+RESIZE_WAIT = 2.0
+#: Seconds a background start waits for each worker's first answer.
+START_WAIT = 120.0
+
 _lock = threading.RLock()
-_pools: dict[tuple[int, str, int], ProcessPoolExecutor] = {}
+#: The process's one warm pool, and whether a run holds it.
+_warm: _Executor | None = None
+_leased = False
+#: Executors of runs that started while the warm pool was held (retired at their end).
+_private: set[_Executor] = set()
 
 
 def _init_worker(threads: int) -> None:
@@ -67,66 +79,237 @@ def _init_worker(threads: int) -> None:
 
 
 class _Executor(ProcessPoolExecutor):
-    """loky's executor, remembering every worker it started.
+    """loky's executor, remembering every worker it started and which died.
 
     When a worker dies, loky's manager thread pops *all* workers from
     ``_processes`` and kills them, but joins none; a process object that is
     never joined stays in multiprocessing's list of children, and with it
     the named semaphore loky hangs on it (``_worker_exit_lock``) until the
     interpreter exits. :func:`_kill` joins every worker recorded here.
+
+    loky then kills the healthy workers too, with the same signal, so their
+    exit codes cannot tell the culprit from the collateral afterwards. The
+    manager's ``terminate_broken`` is wrapped to note, first, the workers
+    that had exited on their own (``dead``): the futures fail after that, so
+    whoever sees a failed future sees the culprits already noted.
     """
+
+    dead: dict[int, int]
 
     def _adjust_process_count(self) -> None:
         super()._adjust_process_count()
         workers = self.__dict__.setdefault("_sks_workers", weakref.WeakSet())
         workers.update(self._processes.values())
 
-
-def get_pool(processes: int, start_method: str, threads: int = 1) -> ProcessPoolExecutor:
-    """The warm pool of ``processes`` workers, each bounded to ``threads`` BLAS threads."""
-    key = (processes, start_method, threads)
-    with _lock:
-        pool = _pools.get(key)
-        if pool is not None and not _is_broken(pool):
-            return pool
-        if pool is not None:
-            _kill(pool)
-        with warnings.catch_warnings():
-            # loky discourages fork; the user asked for it explicitly.
-            warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
-            pool = _Executor(
-                max_workers=processes,
-                context=make_context(start_method, preload=FORKSERVER_PRELOAD),
-                timeout=IDLE_TIMEOUT,
-                initializer=_init_worker,
-                initargs=(threads,),
+    def _start_executor_manager_thread(self) -> None:
+        fresh = self._executor_manager_thread is None
+        super()._start_executor_manager_thread()
+        manager = self._executor_manager_thread
+        if fresh and manager is not None:
+            # Weak references only: a cycle through the manager would keep
+            # loky's queues and semaphores alive until the next gc pass.
+            manager.terminate_broken = functools.partial(
+                _note_dead, weakref.ref(self), weakref.ref(manager)
             )
-        _pools[key] = pool
+
+
+def _note_dead(executor: weakref.ref, manager_ref: weakref.ref, bpe: Any) -> None:
+    manager = manager_ref()
+    if manager is None:
+        return
+    dead = {}
+    for pid, proc in list(manager.processes.items()):
+        with contextlib.suppress(Exception):
+            if proc.exitcode is not None:
+                dead[pid] = proc.exitcode
+    owner = executor()
+    if owner is not None:
+        owner.dead = dead
+    type(manager).terminate_broken(manager, bpe)
+
+
+def _new_executor(processes: int, start_method: str, threads: int) -> _Executor:
+    with warnings.catch_warnings():
+        # loky discourages fork; the user asked for it explicitly.
+        warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
+        pool = _Executor(
+            max_workers=processes,
+            context=make_context(start_method, preload=FORKSERVER_PRELOAD),
+            timeout=IDLE_TIMEOUT,
+            initializer=_init_worker,
+            initargs=(threads,),
+        )
+    pool.dead = {}
+    pool.__dict__["_sks_kind"] = (start_method, threads)
     lifecycle.hook_kernel_shutdown()
     return pool
 
 
+def _fits(pool: Any, start_method: str, threads: int) -> bool:
+    return pool.__dict__.get("_sks_kind") == (start_method, threads) and not _is_broken(pool)
+
+
+def _resize(pool: Any, processes: int) -> bool:
+    """Give an idle pool exactly ``processes`` workers; False if it could not.
+
+    Growing starts the missing workers; shrinking asks idle workers to exit
+    (loky's own sentinel, as its reusable executor does when resized) and
+    waits for them at most :data:`RESIZE_WAIT` seconds.
+    """
+    if pool._max_workers == processes:
+        return True
+    if pool._executor_manager_thread is None:  # no worker started yet
+        pool._max_workers = processes
+        return True
+    if pool._pending_work_items:  # a prestart still pinging: not idle
+        return False
+    with pool._processes_management_lock:
+        alive = sum(p.is_alive() for p in list(pool._processes.values()))
+        pool._max_workers = processes
+        for _ in range(processes, alive):
+            pool._call_queue.put(None)
+    deadline = time.monotonic() + RESIZE_WAIT
+    while len(pool._processes) > processes:
+        if _is_broken(pool) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    with pool._processes_management_lock:
+        pool._adjust_process_count()
+    pool._executor_manager_thread_wakeup.wakeup()
+    return True
+
+
+class Lease:
+    """A run's hold on workers: the warm pool, or its own executor.
+
+    Loky breaks a whole executor when one of its workers dies, failing every
+    future it holds. So a run holds its executor alone: the first run takes
+    the process's warm pool, a run that starts while it is taken (another
+    thread, a callback) gets a private executor of its own, stopped when
+    that run ends. A worker death, an item timeout or a cancel in one run
+    thus never touches another run's workers.
+    """
+
+    def __init__(self, executor: _Executor, private: bool, spec: tuple[int, str, int]) -> None:
+        self.executor = executor
+        self.private = private
+        self.spec = spec
+        self.released = False
+
+    def replace(self) -> _Executor:
+        """Kill this lease's workers and go on with a fresh executor."""
+        old = self.executor
+        self.executor = _new_executor(*self.spec)
+        global _warm
+        with _lock:
+            if self.private:
+                _private.discard(old)
+                _private.add(self.executor)
+            elif _warm is old:
+                _warm = self.executor
+        _kill(old)
+        return self.executor
+
+    def stop_workers(self) -> None:
+        """Kill and join this lease's workers (its executor broke); see :meth:`replace`."""
+        _kill(self.executor)
+
+    def kill(self) -> None:
+        """Kill this lease's workers now (stuck items); the lease ends."""
+        global _warm, _leased
+        with _lock:
+            if not self.released:
+                self.released = True
+                if self.private:
+                    _private.discard(self.executor)
+                elif _warm is self.executor:
+                    _warm, _leased = None, False
+        _kill(self.executor)
+
+    def release(self) -> None:
+        """The run ended: the warm pool stays warm, a private executor stops."""
+        global _leased
+        with _lock:
+            if self.released:
+                return
+            self.released = True
+            # Not the warm pool any more (shutdown_pools() ran meanwhile): stop it.
+            stop = self.private or _warm is not self.executor
+            if self.private:
+                _private.discard(self.executor)
+            elif _warm is self.executor:
+                _leased = False
+        if stop:
+            _kill(self.executor)
+
+
+def lease(processes: int, start_method: str, threads: int = 1) -> Lease:
+    """Workers for one run: the warm pool when free, else a private executor."""
+    global _leased
+    spec = (processes, start_method, threads)
+    with _lock:
+        if not _leased:
+            pool = _warm_pool(processes, start_method, threads)
+            _leased = True
+            return Lease(pool, False, spec)
+        pool = _new_executor(processes, start_method, threads)
+        _private.add(pool)
+        return Lease(pool, True, spec)
+
+
+def _warm_pool(processes: int, start_method: str, threads: int) -> _Executor:
+    """The process's one warm pool, sized and started for this request.
+
+    A different start method or thread bound replaces it; a different number
+    of workers resizes it (idle extra workers exit). Caller holds ``_lock``.
+    """
+    global _warm
+    pool = _warm
+    if pool is not None and _fits(pool, start_method, threads) and _resize(pool, processes):
+        return pool
+    if pool is not None:
+        _warm = None
+        _kill(pool)
+    _warm = _new_executor(processes, start_method, threads)
+    return _warm
+
+
+def get_pool(processes: int, start_method: str, threads: int = 1) -> ProcessPoolExecutor:
+    """The warm pool with ``processes`` workers, each bounded to ``threads`` BLAS threads.
+
+    While a run holds it, it is returned as it is (resizing it would stop
+    that run's workers).
+    """
+    with _lock:
+        if _leased and _warm is not None:
+            return _warm
+        return _warm_pool(processes, start_method, threads)
+
+
 def start_in_background(processes: int, start_method: str, threads: int = 1) -> bool:
-    """Start a pool's workers in a thread, unless the pool is already warm.
+    """Start the warm pool's workers in a thread, unless it is warm or in use.
 
     Called when a call begins, so that starting workers (a forkserver that
     imports numpy, then a fork per worker; ~0.3-1 s) overlaps with the
     parent's own work before it needs them (copying big inputs to shared
     memory, pickling). Returns whether a start was begun.
     """
-    key = (processes, start_method, threads)
     with _lock:
-        pool = _pools.get(key)
-        if pool is not None and not _is_broken(pool):
+        pool = _warm
+        if _leased or (
+            pool is not None
+            and _fits(pool, start_method, threads)
+            and pool._max_workers == processes
+        ):
             return False
-        pool = get_pool(processes, start_method, threads)
+        pool = _warm_pool(processes, start_method, threads)
 
     def ping_all() -> None:
         from .worker import ping
 
         with contextlib.suppress(Exception):  # a failed start shows in the call itself
             for fut in [pool.submit(ping) for _ in range(processes)]:
-                fut.result()
+                fut.result(timeout=START_WAIT)
 
     threading.Thread(target=ping_all, name="shm_kernel_safe-pool-start", daemon=True).start()
     return True
@@ -140,14 +323,6 @@ def _is_broken(pool: ProcessPoolExecutor) -> bool:
 
 def worker_pids(pool: ProcessPoolExecutor) -> list[int]:
     return list(getattr(pool, "_processes", {}) or {})
-
-
-def discard(processes: int, start_method: str, threads: int = 1) -> None:
-    """Kill a pool's workers now; the next call starts a fresh pool."""
-    with _lock:
-        pool = _pools.pop((processes, start_method, threads), None)
-    if pool is not None:
-        _kill(pool)
 
 
 def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
@@ -200,19 +375,33 @@ def shutdown_all(join_timeout: float = 5.0) -> None:
     >>> import shm_kernel_safe as sks
     >>> sks.shutdown_pools()
     """
+    global _warm, _leased
     with _lock:
-        pools = list(_pools.values())
-        _pools.clear()
+        pools = [p for p in (_warm, *_private) if p is not None]
+        _warm, _leased = None, False
+        _private.clear()
     for pool in pools:
         _kill(pool, join_timeout)
 
 
 def pool_info() -> list[dict[str, Any]]:
+    """The warm pool, then executors private to runs in progress (``private``)."""
     with _lock:
-        return [
-            {"processes": k[0], "start_method": k[1], "threads": k[2], "pids": worker_pids(p)}
-            for k, p in _pools.items()
-        ]
+        pools = [(p, False) for p in (_warm,) if p is not None]
+        pools += [(p, True) for p in _private]
+    info = []
+    for p, private in pools:
+        start_method, threads = p.__dict__["_sks_kind"]
+        info.append(
+            {
+                "processes": p._max_workers,
+                "start_method": start_method,
+                "threads": threads,
+                "pids": worker_pids(p),
+                "private": private,
+            }
+        )
+    return info
 
 
 def _close_pools(event: str) -> None:

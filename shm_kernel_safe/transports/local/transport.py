@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
 import re
+import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +34,28 @@ from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
 from . import sharing
-from .control import DONE, ITEM_STARTED, PID, RUNNING, STATE, ControlBlock
-from .worker import ChunkTask, run_chunk
+from .control import (
+    DONE,
+    ITEM_STARTED,
+    LOADING,
+    LOG_END,
+    PID,
+    RUNNING,
+    STATE,
+    ControlBlock,
+)
+from .worker import FAILED, MISFIT, VALUE, ChunkTask, read_log, run_chunk
+
+#: Seconds chunks may wait with no worker running any of them before the
+#: run ends as stalled: far above a cold start under load (a few seconds).
+STALL_SECONDS = 60.0
+
+#: Seconds a worker may lie dead under a chunk, unreported by loky, before
+#: the run reports it itself.
+DEATH_GRACE = 5.0
+
+#: ``processes`` values already warned about (see LocalTransport).
+_warned_processes: set[int] = set()
 
 
 class _NamedNow:
@@ -65,8 +88,20 @@ class LocalTransport(Transport):
         start_method: str | None = None,
         threads_per_worker: int | None = None,
     ) -> None:
+        cpus = _platform.usable_cpus()
+        if processes is not None and processes > cpus and processes not in _warned_processes:
+            # Once per value: more processes than CPUs only adds start-up
+            # time and memory (each worker maps the inputs and keeps a heap).
+            _warned_processes.add(processes)
+            warnings.warn(
+                f"processes={processes} is more than the {cpus} CPUs this process may "
+                f"use; the extra workers only wait for a CPU. At most one worker per "
+                f"item is started.",
+                UserWarning,
+                stacklevel=4,  # LocalTransport <- from_options <- parallel_map <- caller
+            )
+        self.workers = processes or cpus
         # Options arrive checked (check_options, before any process starts).
-        self.workers = processes or _platform.usable_cpus()
         self.start_method = start_method or _platform.default_start_method()
         self.threads = threads_for(self.workers, threads_per_worker)
         self.call_id = uuid.uuid4().hex
@@ -76,9 +111,15 @@ class LocalTransport(Transport):
         # copied back into the caller's array when the run ends.
         self.copy_back: list[tuple[np.ndarray, np.ndarray]] = []
         self.futures: dict[cf.Future, Chunk] = {}
+        self.chunks: dict[int, Chunk] = {}  # every chunk submitted, by number
+        self.unstacked: set[int] = set()  # chunks whose results travel in their log
         self.results_handle: SharedArray | None = None
         self.scalar_type: type | None = None
         self.executor: Any = None
+        self.lease: pools.Lease | None = None
+        # Path prefix of the chunks' logs (worker.Log): files are made only by
+        # chunks that log something, and known from the control block.
+        self.ledger: str | None = None
         self.payload: SharedArray | None = None
         self.keep_going = False
         self.track_time = False
@@ -89,8 +130,10 @@ class LocalTransport(Transport):
         self.live_from = 0  # index of the first block of the current pool
         self.rows: dict[int, tuple[int, int]] = {}  # chunk -> (block, row)
         self.next_row = 0
-        self.lost_done = 0  # items counted in blocks but lost with a broken pool
         self.first_block = 1
+        self.quiet_since = time.monotonic()  # last time a chunk ran or came back
+        self.next_death_check = 0.0
+        self.seen_dead: dict[int, float] = {}  # pid -> when first seen dead
 
     def encode(
         self,
@@ -102,6 +145,9 @@ class LocalTransport(Transport):
     ) -> None:
         self.keep_going = keep_going
         self.track_time = item_timeout is not None
+        # Never more workers than items: a worker costs a process start.
+        self.workers = max(1, min(self.workers, len(payload.items)))
+        self.ledger = os.path.join(tempfile.gettempdir(), f"sks-ledger-{self.call_id}-")
         replace: dict[int, SharedArray] = {}
         for arr in inputs.outputs:
             if handle_of(arr) is None:
@@ -125,7 +171,8 @@ class LocalTransport(Transport):
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.first_block = chunk_bound(self.workers)
-        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
+        self.lease = pools.lease(self.workers, self.start_method, self.threads)
+        self.executor = self.lease.executor
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
         layout = stack_layout(first)
@@ -152,8 +199,22 @@ class LocalTransport(Transport):
             self.scalar_type,
             self.keep_going,
             self.track_time,
+            self.ledger,
         )
-        self.futures[self.executor.submit(run_chunk, task)] = chunk
+        self.chunks[chunk.number] = chunk
+        if not self.futures:  # the stall clock starts with the first chunk queued
+            self.quiet_since = time.monotonic()
+        if self.results_handle is None:
+            self.unstacked.add(chunk.number)
+        try:
+            future = self.executor.submit(run_chunk, task)
+        except cf.process.BrokenProcessPool as exc:
+            # A worker died while none of our chunks was queued (idle, or
+            # between the probe and the rest): the chunk is lost like the
+            # others, and :meth:`wait` reports it the one way.
+            future = cf.Future()
+            future.set_exception(exc)
+        self.futures[future] = chunk
 
     def _row_for(self, chunk: int) -> tuple[int, int]:
         if not self.blocks or self.next_row >= self.blocks[-1][0].capacity:
@@ -171,14 +232,94 @@ class LocalTransport(Transport):
         results = []
         for fut in done:
             try:
-                results.append(fut.result())
+                res = fut.result()
             except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
                 raise self._lost(exc) from None
             del self.futures[fut]
+            results.append(res)
+        now = time.monotonic()
+        if results or not self.futures or self._any_running():
+            self.quiet_since = now
+        elif now - self.quiet_since > STALL_SECONDS:
+            raise self._stalled()
+        if self.futures and now >= self.next_death_check:
+            self.next_death_check = now + 1.0
+            unreported = self._dead_unreported(now)
+            if unreported:
+                raise self._lost(None, unreported)
         return results
 
+    def _dead_unreported(self, now: float) -> dict[int, int]:
+        """Workers dead for :data:`DEATH_GRACE` s under a chunk of ours that
+        loky has not reported (it notices a death within milliseconds; this
+        bounds the wait if it ever does not)."""
+        dead = {}
+        for chunk in self.futures.values():
+            block, row = self.rows[chunk.number]
+            table = self.blocks[block][0].table
+            pid = int(table[row, PID])
+            if table[row, STATE] not in (RUNNING, LOADING) or _platform.pid_alive(pid):
+                continue
+            seen = self.seen_dead.setdefault(pid, now)
+            if now - seen > DEATH_GRACE:
+                dead[pid] = -1
+        return dead
+
+    def _any_running(self) -> bool:
+        return any(
+            (self.blocks[b][0].table[r, STATE] == RUNNING)
+            for b, r in (self.rows[c.number] for c in self.futures.values())
+        )
+
+    def _stalled(self) -> WorkerLost:
+        """Chunks wait and no worker runs any: the pool stopped taking work
+        (workers that never started or hung before their first item, a lost
+        message). The run ends with what completed instead of waiting for
+        ever. An item that runs long is not a stall: its row is RUNNING."""
+        assert self.lease is not None
+        self.lease.stop_workers()
+        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        return WorkerLost(
+            chunks=[c.number for c in lost],
+            salvage=[
+                self._with_log(ChunkResult(c.number, done=self._row_done(c.number))) for c in lost
+            ],
+            recoverable=False,
+            span=f"items {_spans(lost)}",
+            who="the local pool",
+            how=f" or hung: for {STALL_SECONDS:.0f} s no worker ran any of the queued chunks",
+            recovery="its workers were stopped",
+        )
+
+    def _with_log(self, res: ChunkResult) -> ChunkResult:
+        """``res``, the salvage of a chunk whose worker died, with what the
+        worker put in the chunk's log (see ``worker.Log``).
+
+        Only the records of counted items (``done``) are kept: a worker that
+        died between logging an item and counting it has not completed it.
+        """
+        chunk = self.chunks[res.chunk]
+        block, row = self.rows[res.chunk]
+        end = int(self.blocks[block][0].table[row, LOG_END])
+        if res.values is None and res.chunk in self.unstacked:
+            res.values = [None] * res.done
+        if not end:
+            return res
+        stop = chunk.start + res.done
+        for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
+            if index >= stop:
+                continue
+            if kind == VALUE and res.values is not None:
+                res.values[index - chunk.start] = obj
+            elif kind == MISFIT:
+                res.misfits[index] = obj
+            elif kind == FAILED:
+                res.failed[index] = obj
+        return res
+
     def items_done(self) -> int:
-        return sum(ctrl.done() for ctrl, _ in self.blocks) - self.lost_done
+        # Every row counts: what a dead worker completed stays completed.
+        return sum(ctrl.done() for ctrl, _ in self.blocks)
 
     def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         """Raise the cancel flag, collect chunks that stop, kill what is stuck."""
@@ -195,20 +336,15 @@ class LocalTransport(Transport):
                     results.append(fut.result())
             kill = bool(pending)
         self.futures.clear()
-        if kill:
-            pools.discard(self.workers, self.start_method, self.threads)
+        if kill and self.lease is not None:
+            self.lease.kill()
         return results
 
     def recover(self) -> None:
-        """Replace the broken pool; rows of the old one stop counting as running."""
-        lost = 0
-        for chunk in self.futures.values():
-            block, row = self.rows[chunk.number]
-            lost += int(self.blocks[block][0].table[row, DONE])
-        self.lost_done += lost
+        """Go on with fresh workers; rows of the old ones stop counting as running."""
         self.futures.clear()
-        pools.discard(self.workers, self.start_method, self.threads)
-        self.executor = pools.get_pool(self.workers, self.start_method, self.threads)
+        assert self.lease is not None
+        self.executor = self.lease.replace()
         self.live_from = len(self.blocks)
         self.next_row = 1 << 62  # the next submit starts a fresh block
 
@@ -223,7 +359,7 @@ class LocalTransport(Transport):
                 continue
             if now - int(table[row, ITEM_STARTED]) > seconds * 1000:
                 pid = int(table[row, PID])
-                index = self._chunk(chunk).start + int(table[row, DONE])
+                index = self.chunks[chunk].start + int(table[row, DONE])
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(pid).kill()
                 table[row, ITEM_STARTED] = 0  # stopped once
@@ -244,6 +380,16 @@ class LocalTransport(Transport):
         self.owned.clear()
         self.copy_back.clear()
         self.futures.clear()
+        if self.lease is not None:
+            self.lease.release()
+        for number, (block, row) in self.rows.items():
+            # a worker that died as it made its log may not have counted a byte
+            if self.ledger is not None and (
+                self.blocks[block][0].table[row, LOG_END] or self.live_from
+            ):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.ledger}{number}")
+        self.ledger = None
 
     # -- helpers -----------------------------------------------------------------
     def _own(self, arr: np.ndarray) -> SharedArray:
@@ -252,36 +398,64 @@ class LocalTransport(Transport):
         self.owned.append(handle.name)
         return handle
 
-    def _chunk(self, number: int) -> Chunk:
-        for chunk in self.futures.values():
-            if chunk.number == number:
-                return chunk
-        raise KeyError(number)
+    def _lost(self, exc: BaseException | None, dead: dict[int, int] | None = None) -> WorkerLost:
+        """What a broken pool took: which workers died on which items, and
+        what every chunk it held had completed (``WorkerLost.salvage``).
 
-    def _lost(self, exc: BaseException) -> WorkerLost:
-        match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc))
+        ``exc`` is loky's error; ``dead`` the workers found dead without it.
+        """
+        match = re.search(r"exit codes of the workers are \{(.*?)\}", str(exc or ""))
         codes = match.group(1) if match else ""
         how = f" (exit code {codes})" if codes else ""
-        lost_chunks = [c.number for c in self.futures.values()]
-        by_place = {place: number for number, place in self.rows.items()}
-        dead = []
-        for block in range(self.live_from, len(self.blocks)):
-            for row, pid, done, _ in self.blocks[block][0].running():
-                number = by_place.get((block, row))
-                if number in lost_chunks and not _platform.pid_alive(pid):
-                    dead.append((number, pid, done))
+        # The workers that died on their own, noted before loky killed the
+        # others; then every worker is stopped and joined, so no counter in
+        # the control block moves while it is read.
+        if dead is None:
+            dead = dict(getattr(self.executor, "dead", {}) or {})
+        assert self.lease is not None
+        self.lease.stop_workers()
+        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        salvage = [
+            self._with_log(ChunkResult(c.number, done=self._row_done(c.number))) for c in lost
+        ]
+        culprits: list[tuple[int, int]] = []  # (item, pid)
+        for chunk in lost:
+            block, row = self.rows[chunk.number]
+            table = self.blocks[block][0].table
+            pid = int(table[row, PID])
+            index = chunk.start + int(table[row, DONE])
+            if table[row, STATE] in (RUNNING, LOADING) and pid in dead and index < chunk.stop:
+                culprits.append((index, pid))
+        culprits.sort()
         recovery = "the pool was replaced"
-        if not dead:
-            return WorkerLost(chunks=lost_chunks, how=how, recovery=recovery, exitcodes=codes)
-        number, pid, done = dead[0]
+        common = {
+            "chunks": [c.number for c in lost],
+            "salvage": salvage,
+            "how": how,
+            "recovery": recovery,
+            "exitcodes": codes,
+        }
+        if not culprits:
+            # Workers died, but none while running an item of this run (idle,
+            # or between chunks): nothing to blame, every chunk goes again.
+            return WorkerLost(blameless=bool(dead), **common)
+        who = ", ".join(str(pid) for _, pid in culprits)
+        plural = "es" if len(culprits) > 1 else ""
         return WorkerLost(
-            chunks=lost_chunks,
-            index=self._chunk(number).start + done,
-            who=f"worker process {pid}",
-            how=how,
-            recovery=recovery,
-            exitcodes=codes,
+            indices=[index for index, _ in culprits],
+            workers={index: f"worker process {pid}" for index, pid in culprits},
+            who=f"worker process{plural} {who}",
+            **common,
         )
+
+    def _row_done(self, number: int) -> int:
+        block, row = self.rows[number]
+        return int(self.blocks[block][0].table[row, DONE])
+
+
+def _spans(chunks: list[Chunk]) -> str:
+    text = ", ".join(f"{c.start}-{c.stop - 1}" if c.size > 1 else str(c.start) for c in chunks)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def prestart(
@@ -299,5 +473,5 @@ def prestart(
     executor = pools.get_pool(transport.workers, transport.start_method, transport.threads)
     futures = [executor.submit(ping) for _ in range(transport.workers * 2)]
     for fut in futures:
-        fut.result()
+        fut.result(timeout=pools.START_WAIT)
     return sorted(pools.worker_pids(executor))

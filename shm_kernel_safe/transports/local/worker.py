@@ -9,8 +9,12 @@ store per item in the control block, never a message.
 
 from __future__ import annotations
 
+import mmap
 import os
+import pickle
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,101 @@ class ChunkTask:
     scalar_type: type | None = None  # the type a stacked scalar result must have
     keep_going: bool = False  # go on past an item that raises
     track_time: bool = False  # note when each item starts (for item timeouts)
+    ledger: str | None = None  # path prefix of the run's per-chunk logs (see Log)
+
+
+class Log:
+    """A chunk's log of what only a message would otherwise carry.
+
+    Results that do not stack, results that do not fit the stacked array and
+    (with ``errors="continue"``) items' errors are appended here, each as
+    one record (item index, kind, pickled object), before the item is
+    counted in the control block. The file is memory-mapped: a record is a
+    memcpy, never a message or a system call, and it survives the worker's
+    death (the pages belong to the file). The parent reads it when the
+    worker died before its chunk came back, so what it completed is kept.
+    The control block's ``LOG_END`` slot says how many bytes are complete.
+    """
+
+    FIRST_SIZE = 1 << 16
+    HEAD = struct.Struct("<qq")  # item index, kind << 56 | length of the pickle
+
+    def __init__(self, path: str, ctrl: memoryview, end_slot: int) -> None:
+        self.path = path
+        self.ctrl = ctrl
+        self.end_slot = end_slot
+        self.fd = -1
+        self.map: mmap.mmap | None = None
+        self.size = 0
+        self.end = 0
+
+    def add(self, index: int, kind: int, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        at = self.end + 16
+        stop = at + len(data)
+        if stop > self.size:
+            self._grow(stop)
+        self.HEAD.pack_into(self.map, self.end, index, kind << 56 | len(data))  # type: ignore[arg-type]
+        self.map[at:stop] = data  # type: ignore[index]
+        self.end = stop
+        self.ctrl[self.end_slot] = stop  # published after the bytes
+
+    def _grow(self, need: int) -> None:
+        size = max(self.FIRST_SIZE, 2 * self.size)
+        while size < need:
+            size *= 2
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, size)
+        if self.map is not None:
+            self.map.close()
+        self.map = mmap.mmap(self.fd, size)
+        self.size = size
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+#: Kinds of log records.
+VALUE, MISFIT, FAILED = 0, 1, 2
+
+
+class _LoggedDict(dict):
+    """``ChunkResult.failed`` that logs each entry as it is made."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.log.add(index, FAILED, value)
+        super().__setitem__(index, value)
+
+
+def read_log(path: str, end: int) -> list[tuple[int, int, Any]]:
+    """The complete records of a chunk's log, as (index, kind, object)."""
+    if end <= 0:
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = memoryview(f.read(end))
+    except FileNotFoundError:
+        return []
+    records = []
+    at = 0
+    unpack, loads = Log.HEAD.unpack_from, pickle.loads
+    low = (1 << 56) - 1
+    while at + 16 <= len(data):
+        index, word = unpack(data, at)
+        stop = at + 16 + (word & low)
+        if stop > len(data):
+            break
+        records.append((index, word >> 56, loads(data[at + 16 : stop])))
+        at = stop
+    return records
 
 
 _current: dict[str, Any] = {"call_id": None, "payload": None}
@@ -69,7 +168,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     ctrl = memoryview(task.control.view())
     row = control.HEADER + control.ROW * task.row
     ctrl[row + control.PID] = os.getpid()
-    ctrl[row + control.STATE] = control.RUNNING
+    ctrl[row + control.STATE] = control.LOADING
     result = ChunkResult(task.chunk)
     try:
         payload = _payload_for(task)
@@ -77,6 +176,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         result.error = describe_error(exc, task.start, None, loading=True)
         ctrl[row + control.STATE] = control.FINISHED
         return result
+    ctrl[row + control.STATE] = control.RUNNING
     done_slot = row + control.DONE
     cancel_slot = control.CANCEL
     started_slot = row + control.ITEM_STARTED
@@ -94,15 +194,42 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
             ctrl[done_slot] += 1
             ctrl[started_slot] = _now_ms()
 
-    keep = None
+    log = (
+        None
+        if task.ledger is None
+        else Log(f"{task.ledger}{task.chunk}", ctrl, row + control.LOG_END)
+    )
+    # What does not stack goes both in the chunk's log (read by the parent
+    # only if the worker dies) and in the result message (read otherwise):
+    # the extra pickling is the workers', in parallel, and the parent's
+    # per-item cost stays that of one message per chunk.
+    keep: Callable[[int, Any], None] | None = None
+    kept: dict[int, Any] | None = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
+        if log is None:
+
+            def keep(i: int, value: Any) -> None:
+                if not _store(stacked, i, value, scalar_type):
+                    misfits[i] = value
+
+        else:
+
+            def keep(i: int, value: Any) -> None:
+                if not _store(stacked, i, value, scalar_type):
+                    log.add(i, MISFIT, value)
+                    misfits[i] = value
+
+    elif log is not None:
+        kept = {}
 
         def keep(i: int, value: Any) -> None:
-            if not _store(stacked, i, value, scalar_type):
-                misfits[i] = value
+            log.add(i, VALUE, value)
+            kept[i] = value
 
+    if log is not None and task.keep_going:
+        result.failed = _LoggedDict(log)
     run_items(
         payload.fn,
         payload.items,
@@ -114,6 +241,11 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         tick=tick,
         keep_going=task.keep_going,
     )
+    if log is not None:
+        log.close()
+        result.failed = dict(result.failed)
+    if kept is not None:  # None where an item failed, as run_items' own list
+        result.values = [kept.get(i) for i in range(task.start, task.start + result.done)]
     ctrl[row + control.STATE] = control.FINISHED
     return result
 
