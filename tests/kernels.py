@@ -30,8 +30,12 @@ def hourly_calc(x, nn):
 
 
 @contextlib.contextmanager
-def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None):
-    """A real kernel process (ipykernel or spyder-kernels) and a client."""
+def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None, stderr: Any = None):
+    """A real kernel process (ipykernel or spyder-kernels) and a client.
+
+    ``stderr``: a file for the kernel process's own file descriptor 2 (what
+    its helper processes print there too); inherited when None.
+    """
     module = "ipykernel_launcher" if kind == "ipykernel" else "spyder_kernels.console"
     with tempfile.TemporaryDirectory() as tmp:
         spec_dir = os.path.join(tmp, "kernels", f"sks-{kind}")
@@ -50,7 +54,8 @@ def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None):
         os.environ["JUPYTER_PATH"] = tmp
         try:
             km = KernelManager(kernel_name=f"sks-{kind}")
-            km.start_kernel(env={**os.environ, **(env or {})}, cwd=tmp)
+            extra = {} if stderr is None else {"stderr": stderr}
+            km.start_kernel(env={**os.environ, **(env or {})}, cwd=tmp, **extra)
         finally:
             if old is None:
                 os.environ.pop("JUPYTER_PATH", None)

@@ -65,3 +65,36 @@ def test_janitor_removes_only_dead_owners_segments():
             os.unlink(f"/dev/shm/{name}")
         time.sleep(0)
     del mine
+
+
+SEMAPHORE_OWNER = r"""
+import os, _multiprocessing
+# A named semaphore as loky names them, left behind as by a process killed
+# together with its resource tracker: never unlinked.
+_multiprocessing.SemLock(1, 1, 1, f"/loky-{os.getpid()}-7", False)
+print(os.getpid(), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_janitor_removes_loky_semaphores_of_dead_processes_only():
+    import _multiprocessing
+
+    out = subprocess.run(
+        [sys.executable, "-c", SEMAPHORE_OWNER], capture_output=True, text=True, check=True
+    )
+    dead_name = f"sem.loky-{int(out.stdout)}-7"
+    live_name = f"sem.loky-{os.getpid()}-99991"
+    mine = _multiprocessing.SemLock(1, 1, 1, "/" + live_name[4:], False)
+    try:
+        assert os.path.exists(f"/dev/shm/{dead_name}") and os.path.exists(f"/dev/shm/{live_name}")
+        assert dead_name in {s.name for s in sks.find_stale()}
+        assert live_name not in {s.name for s in sks.find_stale()}
+        removed = sks.cleanup_stale()
+        assert dead_name in {s.name for s in removed}
+        assert not os.path.exists(f"/dev/shm/{dead_name}")
+        assert os.path.exists(f"/dev/shm/{live_name}")  # its owner is alive
+    finally:
+        _multiprocessing.sem_unlink("/" + live_name[4:])
+        del mine

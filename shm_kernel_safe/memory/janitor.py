@@ -7,16 +7,35 @@ registry file. We only ever remove a segment when all of these hold: the name
 is ours (prefix + this user's tag), the file is owned by this uid, and no
 process with that pid is alive. A recycled pid makes us keep a dead segment,
 never remove a live one.
+
+The same holds for the named semaphores of loky, which runs our pools:
+``sem.loky-<pid>-<n>``, made by the process that owns a pool. A pool's
+owner killed outright leaves them until its resource tracker, once every
+worker is gone, unlinks them; a tracker killed too never does. Unlinking a
+name never disturbs a process that has the semaphore open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 from .._platform import current_user_tag, pid_alive, shm_directory
 from . import naming
+
+#: loky's named semaphores in /dev/shm: ``sem.`` + ``/loky-<pid>-<n>``.
+_LOKY_SEMAPHORE = re.compile(r"sem\.loky-(\d+)-\d+")
+
+
+def _owner_pid(name: str, tag: str) -> int | None:
+    """The pid in a name this janitor may clean, or None for any other name."""
+    parsed = naming.parse_name(name)
+    if parsed is not None:
+        return parsed.pid if parsed.user_tag == tag else None
+    match = _LOKY_SEMAPHORE.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,8 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
     A kernel killed by the OOM killer or a segfault runs no clean-up, and its
     segments stay until reboot. A segment is stale only when its name is
     this package's, with this user's tag, the file is this user's, and the
-    pid in its name is not alive.
+    pid in its name is not alive. loky's named semaphores of dead processes
+    (``sem.loky-<pid>-<n>``, of this user) are listed too.
 
     Parameters
     ----------
@@ -74,8 +94,8 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
     uid = os.getuid() if hasattr(os, "getuid") else None
     stale = []
     for entry in os.scandir(directory):
-        parsed = naming.parse_name(entry.name)
-        if parsed is None or parsed.user_tag != tag:
+        pid = _owner_pid(entry.name, tag)
+        if pid is None:
             continue
         try:
             info = entry.stat(follow_symlinks=False)
@@ -83,9 +103,9 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
             continue
         if uid is not None and info.st_uid != uid:
             continue
-        if pid_alive(parsed.pid):
+        if pid_alive(pid):
             continue
-        stale.append(StaleSegment(entry.name, info.st_size, parsed.pid))
+        stale.append(StaleSegment(entry.name, info.st_size, pid))
     return sorted(stale, key=lambda s: s.name)
 
 

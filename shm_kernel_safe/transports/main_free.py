@@ -1,4 +1,4 @@
-"""Process starts that never re-run the user's main module.
+"""Process starts that never re-run the user's main module, and start plain.
 
 Under spawn and forkserver, multiprocessing tells each child to import the
 parent's ``__main__`` first. In a notebook or console that module is
@@ -7,6 +7,12 @@ script itself, which would run again in every worker. Children started
 through these contexts get preparation data stripped of ``__main__``:
 what the work needs reaches them by value (cloudpickle). Used by the local
 pools and by the nannies of our own dask cluster.
+
+Every start also goes through :func:`plain_start`: the new process (a worker,
+the forkserver, a resource tracker) starts with SIGINT blocked, so a kernel
+interrupt that lands during a cold start (it signals the whole process
+group) cannot kill it halfway through its imports, and it starts outside a
+debugger attached to the kernel.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import contextlib
 import multiprocessing
 import multiprocessing.context as mp_context
 import multiprocessing.spawn as mp_spawn
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 _prep_lock = threading.Lock()
@@ -52,9 +60,88 @@ def _main_free_preparation():
             mp_spawn.get_preparation_data = original
 
 
+@contextlib.contextmanager
+def _outside_debugger() -> Iterator[None]:
+    """Start processes from this thread without debugpy's patching.
+
+    debugpy (the JupyterLab/VS Code debugger, via ipykernel) patches
+    ``os.fork``, ``_posixsubprocess.fork_exec`` and the ``exec*`` functions so
+    that every new Python process connects back to the debugger and then
+    waits in ``wait_for_ready_to_run`` for a client that never attaches to
+    pool workers: the run hangs. pydevd's own switch for "this start is not
+    a debuggee", ``skip_subprocess_arg_patch``, is thread-local, so it is
+    entered in the thread that starts the process. Items cannot be stepped
+    through in workers anyway: ``--backend serial`` runs them in the kernel.
+    """
+    monkey = sys.modules.get("_pydev_bundle.pydev_monkey")
+    skip = getattr(monkey, "skip_subprocess_arg_patch", None)
+    if skip is None:
+        yield
+        return
+    with skip():
+        yield
+
+
+@contextlib.contextmanager
+def plain_start() -> Iterator[None]:
+    """Start child processes from this thread as plain, interrupt-proof processes.
+
+    SIGINT is blocked in this thread while the child is made, and a child
+    inherits the mask through fork and exec: a kernel interrupt during a
+    cold start (it goes to the whole process group) then cannot raise
+    ``KeyboardInterrupt`` in a forkserver importing its preload modules or
+    in a worker before its initializer ignores SIGINT, which would print a
+    traceback on the kernel's stderr and leave a broken pool's semaphores
+    behind. The interrupt itself is not lost: the kernel's other threads
+    take it (the main thread raises as usual), or it is delivered when the
+    mask is restored. Workers ignore SIGINT anyway (``pool._init_worker``).
+    """
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    previous = sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if sigmask is not None else None
+    try:
+        with _outside_debugger():
+            yield
+    finally:
+        if previous is not None:
+            sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def interrupt_deferred() -> Iterator[None]:
+    """Hold a SIGINT that arrives in the main thread until the block is done.
+
+    A ``KeyboardInterrupt`` raised halfway through starting a pool leaves a
+    process that is started but recorded nowhere (nobody kills or joins it,
+    and its semaphores are unlinked under it while it unpickles them: a
+    traceback on stderr, "leaked semaphore" at exit). Starting is short and
+    bounded, so the interrupt is raised right after it instead, by the
+    handler that was in place. Elsewhere than in the main thread (where
+    Python runs no signal handler) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL: nothing raises here
+        yield
+        return
+    caught: list[Any] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    except ValueError:  # a subinterpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        previous(signal.SIGINT, caught[0])
+
+
 class _MainFreeSpawnProcess(mp_context.SpawnProcess):
     def start(self) -> None:
-        with _main_free_preparation():
+        with plain_start(), _main_free_preparation():
             super().start()
 
 
@@ -66,8 +153,16 @@ if hasattr(mp_context, "ForkServerProcess"):
 
     class _MainFreeForkServerProcess(mp_context.ForkServerProcess):
         def start(self) -> None:
-            with _main_free_preparation():
+            with plain_start(), _main_free_preparation():
                 super().start()
+
+    class _PlainForkProcess(mp_context.ForkProcess):
+        def start(self) -> None:
+            with plain_start():
+                super().start()
+
+    class _PlainForkContext(mp_context.ForkContext):
+        Process = _PlainForkProcess
 
     class _MainFreeForkServerContext(mp_context.ForkServerContext):
         Process = _MainFreeForkServerProcess
@@ -87,5 +182,5 @@ def make_context(
         ctx.set_forkserver_preload(list(preload))
         return ctx
     if start_method == "fork":
-        return multiprocessing.get_context("fork")
+        return _PlainForkContext()
     raise ValueError(f"unknown start method {start_method!r}")

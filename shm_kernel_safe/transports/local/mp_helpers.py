@@ -74,7 +74,33 @@ def stop_resource_trackers() -> None:
             tracker._pid = None
 
 
+def release_semaphores() -> list[str]:
+    """Unlink the named semaphores this process still has registered.
+
+    Each is unlinked by a finalizer when its object is collected, or at
+    interpreter exit. A pool that was interrupted or killed can stay
+    referenced past its shutdown (the traceback IPython keeps of the error
+    holds its frames), and the trackers are stopped before exit: they would
+    report its semaphores as "leaked" and unlink them themselves. Running
+    those finalizers now does what exit would, before the trackers stop.
+    Only called at kernel shutdown, after the pools.
+    """
+    from multiprocessing import util
+
+    released = []
+    for finalizer in list(util._finalizer_registry.values()):
+        callback = getattr(finalizer, "_callback", None)
+        if getattr(callback, "__qualname__", "") != "SemLock._cleanup":
+            continue
+        args = getattr(finalizer, "_args", ()) or ()
+        with contextlib.suppress(Exception):  # unlinked already, by anyone
+            finalizer()
+            released.extend(str(a) for a in args[:1])
+    return released
+
+
 def stop_helpers(event: str = lifecycle.KERNEL_SHUTDOWN) -> None:
     """Stop the forkserver and the resource trackers (a kernel going away)."""
     stop_forkserver()
+    release_semaphores()
     stop_resource_trackers()

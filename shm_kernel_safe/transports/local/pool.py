@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 import warnings
@@ -30,8 +31,8 @@ from loky import ProcessPoolExecutor
 
 from ... import lifecycle
 from ...engine.threads import limit_threads
-from ..main_free import make_context
-from . import mp_helpers
+from ..main_free import interrupt_deferred, make_context, plain_start
+from . import mp_helpers, parent_watch
 
 #: Modules a forkserver imports once, so that every worker forks with them loaded.
 FORKSERVER_PRELOAD = ("numpy", "cloudpickle", "shm_kernel_safe.transports.local.worker")
@@ -52,11 +53,12 @@ _leased = False
 _private: set[_Executor] = set()
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, owner_pid: int | None = None) -> None:
     """Runs once in each worker.
 
     Bounds BLAS/OpenMP threads to ``threads`` (``engine.threads``), ignores
-    SIGINT (see below), and:
+    SIGINT (see below), ends the worker when ``owner_pid`` (the process that
+    made the pool) is gone (``parent_watch``), and:
 
     loky restarts a worker whose RSS grew by 300 MB, taking it for a leak.
     Pages of shared segments count in RSS, so a worker that maps a 1.28 GB
@@ -76,6 +78,22 @@ def _init_worker(threads: int) -> None:
     # to the parent, which cancels between items and kills what is stuck:
     # one behaviour on every platform (on Windows workers never see it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if owner_pid is not None:
+        parent_watch.watch_owner(owner_pid)
+    _forget_inherited_pools()
+
+
+def _forget_inherited_pools() -> None:
+    """A forked worker starts with no pool of its own.
+
+    Under fork it inherits the owner's table of pools, and a nested run
+    would submit to a copy of the owner's executor (its locks possibly held
+    at the fork, its workers not its children): it hangs. Dropped, not
+    shut down: they are the owner's.
+    """
+    global _lock, _warm, _leased, _private
+    _lock = threading.RLock()
+    _warm, _leased, _private = None, False, set()
 
 
 class _Executor(ProcessPoolExecutor):
@@ -95,6 +113,15 @@ class _Executor(ProcessPoolExecutor):
     """
 
     dead: dict[int, int]
+
+    def _ensure_executor_running(self) -> None:
+        # Starting workers is short; a kernel interrupt in the middle of it
+        # would leave a worker started but recorded nowhere (main_free).
+        if len(self._processes) == self._max_workers:
+            super()._ensure_executor_running()
+            return
+        with interrupt_deferred():
+            super()._ensure_executor_running()
 
     def _adjust_process_count(self) -> None:
         super()._adjust_process_count()
@@ -132,13 +159,16 @@ def _new_executor(processes: int, start_method: str, threads: int) -> _Executor:
     with warnings.catch_warnings():
         # loky discourages fork; the user asked for it explicitly.
         warnings.filterwarnings("ignore", message=".*fork.*", category=UserWarning)
-        pool = _Executor(
-            max_workers=processes,
-            context=make_context(start_method, preload=FORKSERVER_PRELOAD),
-            timeout=IDLE_TIMEOUT,
-            initializer=_init_worker,
-            initargs=(threads,),
-        )
+        # Made whole or not at all, and the resource tracker loky starts
+        # here is a plain, interrupt-proof process (see main_free).
+        with interrupt_deferred(), plain_start():
+            pool = _Executor(
+                max_workers=processes,
+                context=make_context(start_method, preload=FORKSERVER_PRELOAD),
+                timeout=IDLE_TIMEOUT,
+                initializer=_init_worker,
+                initargs=(threads, os.getpid()),
+            )
     pool.dead = {}
     pool.__dict__["_sks_kind"] = (start_method, threads)
     lifecycle.hook_kernel_shutdown()
