@@ -151,10 +151,12 @@ def parallel_map(
         a fresh worker before it fails. Default 0: the crashes this field
         sees most (a C extension's segfault) recur on every try, and each
         try costs a fresh worker; raise it for transient kills (OOM under
-        memory pressure). On dask, this comes on top of dask's own retries.
+        memory pressure). On a dask cluster given as ``client``, this comes
+        on top of dask's own retries (our own cluster leaves them to this).
     item_timeout : float, optional
         Seconds one item may run; a longer one has its worker stopped and
-        replaced and fails with ``TimeoutError`` (local backend only).
+        replaced and fails with ``TimeoutError`` (local backend, and dask on
+        our own cluster: a cluster given as ``client`` is never touched).
     resume : exception or FailedItems, optional
         What an earlier call of the same ``fn`` over the same ``items``
         completed (an error it raised, or :func:`last_errors`): only the

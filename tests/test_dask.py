@@ -4,12 +4,15 @@ local backend; errors, dead workers, timeouts, interrupts, bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import struct
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import psutil
@@ -48,6 +51,20 @@ def client():
     while (alive := worker_children()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
+
+
+def back_to_two(client) -> None:
+    """Wait until both workers of our cluster are up: a killed worker is
+    restarting (slowly on a loaded machine, when dask may give up on its
+    nanny: ``restore_local_workers``)."""
+    dask_cluster.restore_local_workers(client)
+    client.wait_for_workers(2, timeout=150)
+
+
+@pytest.fixture
+def two_workers(client):
+    """Both workers of our cluster up before a test kills one."""
+    back_to_two(client)
 
 
 def worker_pids(client) -> list[int]:
@@ -191,29 +208,75 @@ def test_task_error_names_item_and_remote_traceback(client):
     )
 
 
-def test_worker_killed_mid_run_is_retried_by_dask(client):
-    """Dask reruns the chunks of a worker that died on the others; the
-    result is complete and right, and the cluster is back to 2 workers."""
-    victim = worker_pids(client)[0]
+def records_of(pids) -> list[str]:
+    """Record files (``worker.Record``) of the given worker pids."""
+    directory = dask_worker.records_dir()
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = [n for n in names if not n.endswith(dask_worker.VALUES)]
+    return [n for n in names if int(n.rsplit("-", 1)[1]) in set(pids)]
 
-    def cell(nn):
-        time.sleep(0.01)
-        return nn * nn
 
-    def kill_soon():
-        time.sleep(0.8)
-        os.kill(victim, signal.SIGKILL)
+def kill_inside_an_item(pid: int, after: int = 20) -> None:
+    """SIGKILL worker ``pid`` once its record shows it inside an item past
+    ``after`` (as the OOM killer would), not between two chunks, nor in the
+    probe (item 0, the engine's case)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for name in records_of([pid]):
+            with contextlib.suppress(OSError, struct.error):
+                with open(os.path.join(dask_worker.records_dir(), name), "rb") as f:
+                    item, _ = struct.unpack("<qd", f.read(16))
+                if item >= after:
+                    os.kill(pid, signal.SIGKILL)
+                    return
+        time.sleep(0.02)
+    raise AssertionError(f"worker {pid} never ran an item")
 
-    killer = threading.Thread(target=kill_soon)
+
+def squares(nn):
+    time.sleep(0.01)
+    return nn * nn
+
+
+@pytest.mark.parametrize("mode", ["retries", "continue", "raise"])
+def test_worker_killed_from_outside_mid_item(client, two_workers, mode):
+    """A worker SIGKILLed inside an item: retries=1 runs that item again
+    (full results), errors="continue" masks exactly that item, errors="raise"
+    names it; whatever completed elsewhere is kept and right."""
+    pids = worker_pids(client)
+    victim = pids[0]
+    options = {"retries": {"retries": 1}, "continue": {"errors": "continue"}, "raise": {}}[mode]
+    killer = threading.Thread(target=kill_inside_an_item, args=(victim,))
     killer.start()
-    out = sks.parallel_map(cell, range(300), backend="dask")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = sks.parallel_map(squares, range(400), backend="dask", **options)
+    except sks.WorkerDiedError as exc:
+        assert mode == "raise"
+        err = exc
+    else:
+        assert mode != "raise", "the kill went unnoticed"
     killer.join()
-    assert out.tolist() == [n * n for n in range(300)]
+    if mode == "retries":
+        assert isinstance(out, np.ndarray) and out.tolist() == [n * n for n in range(400)]
+        assert not caught
+    elif mode == "continue":
+        errors = sks.last_errors()
+        assert len(errors) == 1 and isinstance(errors[0], sks.WorkerDiedError)
+        assert np.flatnonzero(out.mask).tolist() == [errors[0].index]
+        assert out.compressed().tolist() == [n * n for n in range(400) if n != errors[0].index]
+    else:
+        assert err.index is not None and not err.done[err.index]
+        assert f"died while running item {err.index}" in str(err)
+        assert 0 < err.done.sum() < 400
+        assert all(err.partial[i] == i * i for i in np.flatnonzero(err.done))
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
-    client.wait_for_workers(2, timeout=60)
+    back_to_two(client)
+    assert not records_of(pids)  # the dead worker's record went with the run
 
 
-def test_item_that_kills_every_worker_is_a_clear_error(client):
+def test_item_that_kills_its_worker_is_a_clear_error(client, two_workers):
     def cell(nn):
         if nn == 42:
             os._exit(3)
@@ -224,15 +287,159 @@ def test_item_that_kills_every_worker_is_a_clear_error(client):
     with pytest.raises(sks.WorkerDiedError) as info:
         sks.parallel_map(cell, range(200), backend="dask")
     assert time.monotonic() - t0 < 60
-    message = str(info.value)
-    assert "dask workers died while running" in message
-    assert "the cluster replaced them" in message
-    assert not info.value.done[42] and info.value.partial is not None
+    err = info.value
+    assert err.index == 42
+    assert str(err).startswith("a dask worker died while running item 42 (42)")
+    assert not err.done[42] and err.done.any()
+    assert all(err.partial[i] == i for i in np.flatnonzero(err.done))
     # next call: a full cluster again, right results
     assert sks.parallel_map(lambda i: -i, range(20), backend="dask").tolist() == [
         -i for i in range(20)
     ]
     assert len(worker_pids(client)) == 2
+
+
+def test_keep_going_masks_exactly_the_item_that_kills_its_worker(client, two_workers):
+    """errors="continue": the dying item is masked, every other result is
+    right, items that raise are masked too; twice in one run."""
+
+    def cell(i):
+        if i in (17, 612):
+            raise KeyError(f"hour {i}")
+        if i in (301, 777):
+            os._exit(7)
+        return float(i)
+
+    with pytest.warns(sks.ItemsFailedWarning, match="4 of 1000 items failed"):
+        out = sks.parallel_map(cell, range(1000), backend="dask", errors="continue")
+    bad = [17, 301, 612, 777]
+    assert np.flatnonzero(out.mask).tolist() == bad
+    assert out.compressed().tolist() == [float(i) for i in range(1000) if i not in bad]
+    errors = sks.last_errors()
+    assert [e.index for e in errors] == bad
+    assert [type(e).__name__ for e in errors] == [
+        "TaskError",
+        "WorkerDiedError",
+        "TaskError",
+        "WorkerDiedError",
+    ]
+
+
+def ran_log(path):
+    """An item function that appends its item to ``path`` (a side channel
+    that survives workers) and kills its worker at item 500 the first time."""
+    flag = path + ".died"
+
+    def cell(i):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(fd, f"{i}\n".encode())
+        os.close(fd)
+        if i == 500 and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(3)
+        time.sleep(0.002)
+        return i * 3
+
+    return cell
+
+
+def ran_counts(path, n):
+    with open(path) as f:
+        return np.bincount([int(line) for line in f], minlength=n)
+
+
+@pytest.mark.parametrize("mode", ["retries", "continue", "raise"])
+def test_items_completed_before_a_death_do_not_run_again(client, two_workers, tmp_path, mode):
+    """The dying worker's own chunk kept what it completed before the fatal
+    item (its results were appended on the worker's host): with retries=1
+    only the fatal item runs twice; with errors="continue" every item runs
+    once; errors="raise" reports as done only items that ran, with right
+    results."""
+    path = str(tmp_path / "ran")
+    options = {"retries": {"retries": 1}, "continue": {"errors": "continue"}, "raise": {}}[mode]
+    try:
+        out = sks.parallel_map(ran_log(path), range(1000), backend="dask", **options)
+    except sks.WorkerDiedError as exc:
+        assert mode == "raise" and exc.index == 500
+        ran = ran_counts(path, 1000)
+        assert not exc.done[500] and exc.done.sum() > 0
+        assert (ran[exc.done] == 1).all()
+        assert all(exc.partial[i] == 3 * i for i in np.flatnonzero(exc.done))
+        return
+    assert mode != "raise"
+    ran = ran_counts(path, 1000)
+    expected_runs = np.ones(1000, dtype=int)
+    if mode == "retries":
+        expected_runs[500] = 2
+        assert out.tolist() == [3 * i for i in range(1000)]
+    else:
+        assert np.flatnonzero(out.mask).tolist() == [500]
+    assert ran.tolist() == expected_runs.tolist()
+
+
+def test_item_timeout_stops_one_item_on_our_cluster(client, two_workers):
+    """item_timeout=: the worker running an overdue item is killed (its nanny
+    starts a fresh one) and the item fails with TimeoutError."""
+
+    def stuck_at_40(i):
+        if i == 40:
+            time.sleep(3600)
+        time.sleep(0.002)
+        return i
+
+    t0 = time.monotonic()
+    with pytest.warns(sks.ItemsFailedWarning, match="40 TimeoutError"):
+        out = sks.parallel_map(
+            stuck_at_40, range(300), backend="dask", errors="continue", item_timeout=1.0
+        )
+    assert time.monotonic() - t0 < 60
+    assert np.flatnonzero(out.mask).tolist() == [40]
+    assert out.compressed().tolist() == [i for i in range(300) if i != 40]
+    with pytest.raises(sks.TaskError, match="TimeoutError") as info:
+        sks.parallel_map(stuck_at_40, range(300), backend="dask", item_timeout=1.0)
+    assert info.value.index == 40
+    back_to_two(client)
+    assert sks.parallel_map(lambda i: i, range(10), backend="dask").sum() == 45
+
+
+def test_a_cluster_given_to_us_keeps_going_past_an_item_that_kills_workers(client):
+    """A cluster we did not start keeps dask's own retries (allowed-failures
+    3): the fatal chunk kills each worker in turn and every copy of the
+    scattered x with them; the run scatters x again, names the item from
+    the records its nannies read, and masks exactly that item."""
+    import distributed
+
+    x = np.arange(300_000.0)  # 2.4 MB: scattered, not pickled
+
+    def cell(i):
+        if i == 301:
+            os._exit(7)
+        time.sleep(0.001)
+        return float(x[i] * 2)
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as other,
+        distributed.Client(other, set_as_default=False) as theirs,
+    ):
+        with pytest.warns(sks.ItemsFailedWarning, match="301 WorkerDiedError"):
+            out = sks.parallel_map(
+                cell, range(1000), backend="dask", client=theirs, errors="continue"
+            )
+        assert np.flatnonzero(out.mask).tolist() == [301]
+        assert out.compressed().tolist() == [2.0 * i for i in range(1000) if i != 301]
+
+
+def test_item_timeout_is_refused_on_a_cluster_given_to_us(client):
+    """A cluster we did not start is never touched: no worker of it is
+    killed for an item, so item_timeout= is refused."""
+    with pytest.raises(ValueError, match="item_timeout is not supported by backend='dask'"):
+        sks.parallel_map(abs, range(3), backend="dask", client=client, item_timeout=1.0)
 
 
 def test_timeout_stops_stuck_workers_of_our_cluster(client):
@@ -419,6 +626,57 @@ print("pids", *dask_cluster._local["client"].run(os.getpid).values(), flush=True
     late = float(lines[1].split()[-1])
     assert late < 1.0, proc.stdout
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+INTERRUPTS = r"""
+import json, os, signal, sys, threading, time
+import numpy as np
+import shm_kernel_safe as sks
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIG_IGN
+
+def slow(i):
+    time.sleep(0.02)
+    return i * 2
+
+def interrupt_after(seconds):
+    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+# the first while our cluster starts, the others at random points of warm runs
+rng = np.random.default_rng(int(sys.argv[1]))
+for delay in [0.3, *rng.uniform(0.05, 1.5, 5)]:
+    interrupt_after(delay)
+    try:
+        sks.parallel_map(slow, range(300), backend="dask", processes=2)
+        outcome = {"outcome": "finished"}
+    except KeyboardInterrupt as exc:
+        ok = hasattr(exc, "done") and all(
+            exc.partial[i] == 2 * i for i in np.flatnonzero(exc.done))
+        outcome = {"outcome": type(exc).__name__, "consistent": bool(ok),
+                   "done": int(exc.done.sum()) if hasattr(exc, "done") else None}
+        if ok:
+            rest = sks.parallel_map(slow, range(300), backend="dask", resume=exc)
+            outcome["complete"] = rest.tolist() == [2 * i for i in range(300)]
+    time.sleep(0.2)  # a late SIGINT of a finished run lands here, not in the next run
+    print(json.dumps(outcome), flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_interrupt_of_a_dask_run_carries_what_completed(seed):
+    """Ctrl-C while our cluster starts, or anywhere in a warm run: always a
+    ParallelInterrupt with done/partial, and resume= completes the run."""
+    proc = run_python(INTERRUPTS, str(seed), timeout=150, sigint_ignored=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcomes = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(outcomes) == 6, proc.stdout
+    assert outcomes[0]["outcome"] == "ParallelInterrupt" and outcomes[0]["done"] == 0
+    for res in outcomes:
+        if res["outcome"] != "finished":  # a delay past the run's end
+            assert res["outcome"] == "ParallelInterrupt", res
+            assert res["consistent"] and res["complete"], res
+    assert sum(res["outcome"] == "ParallelInterrupt" for res in outcomes) >= 4, outcomes
 
 
 def test_cell_magic_on_dask_in_a_real_kernel():

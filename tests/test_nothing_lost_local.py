@@ -59,7 +59,7 @@ def test_item_timeout_stops_one_stuck_item_and_the_pool_stays_healthy():
     assert info.value.index == 40
 
 
-@pytest.mark.parametrize("backend", ["serial", "dask"])
+@pytest.mark.parametrize("backend", ["serial"])
 def test_item_timeout_is_refused_where_an_item_cannot_be_stopped(backend):
     with pytest.raises(ValueError, match=f"item_timeout is not supported by backend='{backend}'"):
         sks.parallel_map(abs, range(3), backend=backend, item_timeout=1.0)

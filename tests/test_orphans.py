@@ -227,7 +227,7 @@ import os, re, sys
 import shm_kernel_safe as sks
 
 def stuck(i):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\n".encode())  # one write: the workers share the pipe
     # Backtracks for ages inside the re module, which never releases the GIL.
     return bool(re.match(r"(a+)+$", "a" * 64 + "b"))
 
@@ -260,4 +260,6 @@ def test_forkserver_workers_stuck_holding_the_gil_die_with_their_owner(tmp_path)
         proc.kill()
         proc.wait(10)
         proc.stdout.close()
-    cleanup_stale()
+        for p in psutil.wait_procs(_alive(tree), timeout=10)[1]:
+            p.kill()
+        cleanup_stale()

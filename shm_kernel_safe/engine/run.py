@@ -168,7 +168,12 @@ class Run:
             raise
         except Exception as exc:
             raise unpicklable_error(self.fn, exc) from exc
-        transport.start(self._chunk_bound, self._heartbeat)
+        try:
+            transport.start(self._chunk_bound, self._heartbeat)
+        except KeyboardInterrupt as exc:
+            # While workers start or data is sent (a dask cluster takes
+            # seconds): nothing ran yet, and the interrupt says so.
+            raise self._stopped(exc) from None
         plan = self.plan = Plan(self.n_items, transport.workers, self.chunksize)
         try:
             self._run_chunks(plan.chunks)
@@ -345,12 +350,13 @@ class Run:
     def _stopped(self, exc: BaseException) -> BaseException:
         """Stop what runs, keep what completed, and give ``exc`` the partial results."""
         kill = isinstance(exc, WorkerDiedError)
-        try:
-            for res in self.transport.cancel(CANCEL_GRACE, kill=kill):
-                with contextlib.suppress(TaskError):
-                    self._take(res)
-        finally:
-            self.transport.land_outputs()
+        if self.plan is not None:  # else nothing was submitted, nothing to stop
+            try:
+                for res in self.transport.cancel(CANCEL_GRACE, kill=kill):
+                    with contextlib.suppress(TaskError):
+                        self._take(res)
+            finally:
+                self.transport.land_outputs()
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, ParallelInterrupt):
             done = int(self.done.sum())
             exc = ParallelInterrupt(

@@ -165,7 +165,7 @@ class ShmMagics(Magics):
         default=None,
         metavar="S",
         help="stop an item running longer than S seconds (its worker is replaced); "
-        "it fails with TimeoutError (local backend)",
+        "it fails with TimeoutError (local backend; dask on our own cluster)",
     )
     @argument(
         "--resume",

@@ -20,9 +20,11 @@ import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ... import lifecycle
@@ -43,15 +45,66 @@ _connected: dict[str, Any] = {}  # scheduler address -> Client we opened
 _checked: set[str] = set()  # client ids whose workers can import us
 
 
-def import_distributed() -> Any:
-    """``distributed``, or a one-line error saying how to get it."""
+_MISSING = "the dask backend needs the 'distributed' package: pip install 'shm_kernel_safe[dask]'"
+
+
+def check_distributed() -> None:
+    """A one-line error now if ``distributed`` is not installed; imports nothing
+    (the import takes a second, and belongs where an interrupt is handled)."""
+    if sys.modules.get("distributed") is not None:
+        return
     try:
-        import distributed
-    except ImportError as exc:
-        raise DaskBackendError(
-            "the dask backend needs the 'distributed' package: pip install 'shm_kernel_safe[dask]'"
-        ) from exc
+        found = importlib.util.find_spec("distributed") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise DaskBackendError(_MISSING)
+
+
+def import_distributed() -> Any:
+    """``distributed`` (and our worker module, which builds on it), or a
+    one-line error saying how to get it.
+
+    Imported with interrupts held: a KeyboardInterrupt inside the import of
+    a package leaves it half-imported for the rest of the process (later
+    calls failed with "module 'distributed' has no attribute 'utils'").
+    """
+    with interrupts_deferred():
+        try:
+            import distributed
+
+            from . import worker  # noqa: F401
+        except ImportError as exc:
+            raise DaskBackendError(_MISSING) from exc
     return distributed
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a SIGINT that arrives in the block, and deliver it when the block
+    ends, to the handler that was there before.
+
+    For what an interrupt would leave half done in this process (an import,
+    a cluster starting: its processes would be left running with no owner);
+    the run then stops as for any interrupt, with its partial results.
+    Only in the main thread (where Python runs signal handlers), and only
+    when SIGINT has a Python handler (else there is nothing to defer).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    held: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            previous(signal.SIGINT, held[0])
 
 
 def get_client(
@@ -115,6 +168,8 @@ def _local_client(
             cluster = _local["cluster"]
             if processes is not None and len(cluster.worker_spec) != wanted:
                 cluster.scale(wanted)  # -n changed between cells
+            else:
+                restore_local_workers(client)
             # Workers killed by the last call are restarting: wait for them,
             # or this call's data would reach only the survivors.
             wanted = len(cluster.worker_spec)
@@ -129,34 +184,45 @@ def _local_client(
             _limit_threads(client, threads_for(wanted, threads_per_worker))
             return client
         close_local()
-        _main_free_worker_starts(True)
-        path_before = list(sys.path)
-        try:
-            threads = threads_for(wanted, threads_per_worker)
-            cluster = _start_local_cluster(distributed, dask, wanted, threads)
-        except DaskBackendError:
-            _main_free_worker_starts(False)
-            raise
-        except Exception as exc:
-            _main_free_worker_starts(False)
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DaskBackendError(
-                f"could not start a local dask cluster of {wanted} workers: {reason}"
-            ) from None
-        finally:
-            # The in-process scheduler puts its scratch directory at the front
-            # of sys.path (for upload_file, which our cluster never serves):
-            # keep the kernel's import path as the user had it.
-            sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
-        client = distributed.Client(cluster, set_as_default=False)
-        from .worker import InterruptsToTheKernel, MallocTuning
+        # Interrupts held while the cluster starts (seconds): an interrupt
+        # inside would leave its scheduler and worker processes running,
+        # owned by nobody; it is delivered once the cluster is ours.
+        with interrupts_deferred():
+            _start_and_connect(distributed, dask, wanted, threads_per_worker)
+            lifecycle.hook_kernel_shutdown()
+        return _local["client"]
 
-        client.register_plugin(MallocTuning())
-        client.register_plugin(InterruptsToTheKernel())
-        _local.update(cluster=cluster, client=client)
-        _limit_threads(client, threads)
-    lifecycle.hook_kernel_shutdown()
-    return client
+
+def _start_and_connect(
+    distributed: Any, dask: Any, wanted: int, threads_per_worker: int | None
+) -> None:
+    """Start our LocalCluster and its Client, into ``_local``."""
+    _main_free_worker_starts(True)
+    path_before = list(sys.path)
+    try:
+        threads = threads_for(wanted, threads_per_worker)
+        cluster = _start_local_cluster(distributed, dask, wanted, threads)
+    except DaskBackendError:
+        _main_free_worker_starts(False)
+        raise
+    except Exception as exc:
+        _main_free_worker_starts(False)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DaskBackendError(
+            f"could not start a local dask cluster of {wanted} workers: {reason}"
+        ) from None
+    finally:
+        # The in-process scheduler puts its scratch directory at the front
+        # of sys.path (for upload_file, which our cluster never serves):
+        # keep the kernel's import path as the user had it.
+        sys.path[:] = [p for p in sys.path if p in path_before or "dask-scratch" not in p]
+    client = distributed.Client(cluster, set_as_default=False)
+    from .worker import InterruptsToTheKernel, MallocTuning
+
+    client.register_plugin(MallocTuning())
+    client.register_plugin(InterruptsToTheKernel())
+    _local.update(cluster=cluster, client=client)
+    _limit_threads(client, threads)
 
 
 def _limit_threads(client: Any, threads: int) -> None:
@@ -189,6 +255,12 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: i
     made (no task waits on them between chunks), workers would fetch big
     arrays again, and a single death could lose scattered data.
 
+    With no allowed failures: a chunk whose worker dies is not run again by
+    dask on the next worker (an item that kills its worker would kill each
+    in turn, and every copy of the scattered data with them); the engine
+    hears of the death at once and applies ``errors=``/``retries=``, as on
+    the local backend.
+
     Over TLS with temporary credentials (see :mod:`.security`): no
     other process on this machine can connect to it.
     """
@@ -201,6 +273,7 @@ def _start_local_cluster(distributed: Any, dask: Any, n_workers: int, threads: i
     with dask.config.set(
         {
             "distributed.scheduler.active-memory-manager.start": False,
+            "distributed.scheduler.allowed-failures": 0,
             "distributed.nanny.pre-spawn-environ": environ,
         }
     ):
@@ -264,6 +337,23 @@ def _worker_can_import() -> str:
     import shm_kernel_safe.transports.dask.worker  # noqa: F401
 
     return "ok"
+
+
+def restore_local_workers(client: Any) -> None:
+    """Start again the workers of our cluster whose nanny dask closed.
+
+    A LocalCluster closes the nanny of a worker that has not come back
+    within ``distributed.deploy.lost-worker-timeout`` (15 s): on a loaded
+    machine a worker killed under an item can take that long to restart,
+    and the cluster then stays a worker short for good. ``scale`` to the
+    same size starts what its spec lists and no nanny runs.
+    """
+    if not is_local(client):
+        return
+    cluster = _local["cluster"]
+    with contextlib.suppress(Exception):
+        if set(cluster.worker_spec) - set(cluster.workers):
+            cluster.scale(len(cluster.worker_spec))
 
 
 def is_local(client: Any) -> bool:

@@ -9,14 +9,20 @@ Shared memory cannot cross machines, so:
   task, so a chunk carries at least ~20 ms of work;
 * output arrays come back as the elements each chunk changed, applied to
   the caller's arrays when the run lands its outputs;
-* a chunk whose workers kept dying (dask retries elsewhere first) is a
-  dead worker for the engine, as on the local transport.
+* a worker that dies is the engine's to handle, as on the local transport:
+  each running chunk notes its current item in a file on the worker's host
+  (``worker.Record``), so a lost chunk names the exact item that was running
+  when its worker died; chunks lost without having started are submitted
+  again here; scattered data that died with the workers is scattered again
+  from this process, which still holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import threading
 import time
 import uuid
@@ -33,6 +39,9 @@ from ...engine.transport import Heartbeat, Inputs, Transport, TransportOptions, 
 from ...errors import DaskBackendError, InvalidArgumentError
 from . import cluster
 from .kept import content_name, kept_arrays
+
+#: Times a broadcast is tried when a worker dies while it receives.
+SCATTER_TRIES = 3
 
 _active: dict[str, DaskTransport] = {}  # call id -> run, for progress events
 _subscribed: set[str] = set()  # client ids subscribed to progress events
@@ -91,6 +100,9 @@ class DaskTransport(Transport):
     name = "dask"
     min_chunk_seconds = 0.02  # dask's scheduler costs ~1 ms per task
     stopped_text = "its dask tasks were cancelled"
+    #: Times a chunk lost before it ran an item is submitted again here,
+    #: before the engine hears of it as a death it cannot place.
+    RESUBMITS = 3
 
     @classmethod
     def check_options(cls, options: TransportOptions) -> TransportOptions:
@@ -129,8 +141,12 @@ class DaskTransport(Transport):
         processes: int | None = None,
         threads_per_worker: int | None = None,
     ) -> None:
-        cluster.import_distributed()  # before any work: a one-line error
+        cluster.check_distributed()  # before any work: a one-line error
         self.requested_client = client
+        # item_timeout= kills the worker running an overdue item: only on our
+        # own cluster, whose workers are processes of this machine (a cluster
+        # given to us is never touched).
+        self.stops_single_items = client is None  # type: ignore[misc]
         self.processes = processes
         self.threads_per_worker = threads_per_worker
         self.call_id = uuid.uuid4().hex
@@ -143,6 +159,11 @@ class DaskTransport(Transport):
         self.partial: dict[int, int] = {}  # chunk -> items done, from progress events
         self.finished: dict[int, ChunkResult] = {}
         self.chunks: dict[int, Chunk] = {}
+        self.lost: set[int] = set()  # chunks whose worker died under them
+        self.losses: list[WorkerLost] = []  # deaths not yet reported to the engine
+        self.resubmits: dict[int, int] = {}  # chunk -> times submitted again here
+        self.killed: set[int] = set()  # worker pids stopped by stop_overdue
+        self.generation = 0  # of scattered data: each scatter gets fresh keys
         self._wake = threading.Event()
 
     # -- the run -------------------------------------------------------------------
@@ -170,6 +191,7 @@ class DaskTransport(Transport):
         self.outs = pickler.outs
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
+        cluster.import_distributed()
         from .worker import PROGRESS_TOPIC
 
         self.client = cluster.get_client(
@@ -194,7 +216,9 @@ class DaskTransport(Transport):
         from .worker import Aligned
 
         client = self.client
-        self.payload_future = client.scatter(self.payload, broadcast=True, hash=False)
+        gen = f"{self.call_id}-g{self.generation}"
+        self.generation += 1
+        self.payload_future = self._broadcast(self.payload)
         self.scattered.append(self.payload_future)
         arrays: dict[str, Any] = {}
         missing: dict[str, str] = {}  # fresh dask key -> content name
@@ -203,17 +227,18 @@ class DaskTransport(Transport):
             if found is not None:
                 arrays[name] = found
             else:
-                missing[f"sks-{self.call_id}-in{len(missing)}"] = name
+                missing[f"sks-{gen}-in{len(missing)}"] = name
         if missing:
             wrapped = {key: Aligned(self.arrays[n]) for key, n in missing.items()}
-            futures = client.scatter(wrapped, broadcast=True, hash=False)
+            futures = self._broadcast(wrapped)
             for key, name in missing.items():
                 arrays[name] = futures[key]
                 kept_arrays.add(client, name, self.arrays[name], futures[key])
         self.array_futures = arrays
         self.inputs = list(arrays.values())  # kept by `kept`, never released here
-        outs = {k: Aligned(a) for k, a in self.outs.items()}
-        self.out_futures = client.scatter(outs, broadcast=True, hash=False) if outs else {}
+        outs = {f"{k}-g{gen}": Aligned(a) for k, a in self.outs.items()}
+        sent = self._broadcast(outs) if outs else {}
+        self.out_futures = {k: sent[f"{k}-g{gen}"] for k in self.outs}
         self.scattered.extend(self.out_futures.values())
         self.sent_bytes = (
             len(self.payload)
@@ -221,10 +246,40 @@ class DaskTransport(Transport):
             + sum(a.nbytes for a in self.outs.values())
         )
 
+    def _broadcast(self, data: Any) -> Any:
+        """``client.scatter(data, broadcast=True)``, tried again when a worker
+        died while it received (the scheduler still listed it: a worker
+        killed by the last run, or by this one, as its nanny replaces it)."""
+        for attempt in range(SCATTER_TRIES):
+            try:
+                return self.client.scatter(data, broadcast=True, hash=False)
+            except OSError:  # CommClosedError, "No valid workers found" (TimeoutError)
+                if attempt == SCATTER_TRIES - 1:
+                    raise
+                # every worker died: wait for one to be back (and on our
+                # cluster make sure one comes back)
+                time.sleep(0.5)
+                cluster.restore_local_workers(self.client)
+                with contextlib.suppress(Exception):
+                    self.client.wait_for_workers(1, timeout=cluster.WORKER_START_TIMEOUT)
+        raise AssertionError("unreachable")
+
+    def _data_on_cluster(self) -> bool:
+        """Whether some worker still holds every piece of the run's data."""
+        futures = [self.payload_future, *self.array_futures.values(), *self.out_futures.values()]
+        if any(f.status != "finished" for f in futures):
+            return False
+        try:
+            holders = self.client.who_has(futures)
+        except Exception:
+            return False
+        return all(holders.get(f.key) for f in futures)
+
     def submit(self, chunk: Chunk) -> None:
         from .worker import DaskChunk, run_dask_chunk
 
         self.chunks[chunk.number] = chunk
+        tries = self.resubmits.get(chunk.number, 0)
         spec = DaskChunk(self.call_id, chunk.number, chunk.start, chunk.stop, self.keep_going)
         fut = self.client.submit(
             run_dask_chunk,
@@ -232,7 +287,7 @@ class DaskTransport(Transport):
             self.payload_future,
             self.array_futures,
             self.out_futures,
-            key=f"sks-chunk-{chunk.start}-{chunk.stop}-{self.call_id}",
+            key=f"sks-chunk-{chunk.number}-{chunk.start}-{chunk.stop}-{tries}-{self.call_id}",
             pure=False,
         )
         fut.add_done_callback(lambda _: self._wake.set())
@@ -240,78 +295,177 @@ class DaskTransport(Transport):
         self.all_futures.append(fut)
 
     def wait(self, timeout: float) -> list[ChunkResult]:
+        if self.losses:
+            raise self.losses.pop(0)
         # Futures call back when they finish; waiting on an event keeps the
         # engine's loop interruptible (Ctrl-C).
         self._wake.wait(timeout)
         self._wake.clear()
         finished = []
+        lost = []
         for fut in [f for f in self.futures if f.done()]:
             chunk = self.futures.pop(fut)
+            if self._died(fut):
+                fut.release()
+                lost.append(chunk)
+                continue
             res = self._collect(fut, chunk)
+            if res is None:  # its result died with a worker before it reached us
+                fut.release()
+                lost.append(chunk)
+                continue
+            # Released at once: a result the cluster still held for us would
+            # be computed again (its items run twice) if its worker died.
+            fut.release()
             self.finished[res.chunk] = res  # its writes land, also when an item failed
             finished.append(res)
-        return finished
+        if lost:
+            finished.extend(self._place_deaths(lost))
+        if self.losses and not finished:
+            raise self.losses.pop(0)
+        return finished  # the results first; the next call reports the deaths
 
-    def _collect(self, fut: Any, chunk: Chunk) -> ChunkResult:
-        if fut.status == "finished":
-            return fut.result()
+    def _died(self, fut: Any) -> bool:
+        """The chunk's worker died under it (dask gave up on it), or the data
+        it needs died with workers (dask cancels what depends on it)."""
         if fut.status == "cancelled":
-            if any(f.status != "finished" for f in self.scattered + self.inputs):
-                raise self._data_lost() from None
-            raise DaskBackendError(
-                "the dask tasks of this call were cancelled (was the cluster restarted or closed?)"
-            )
+            if self.client.status not in ("running", "connecting"):
+                raise DaskBackendError(
+                    "the dask tasks of this call were cancelled (the cluster was closed)"
+                )
+            return True
+        return fut.status == "error" and type(fut.exception()).__name__ == "KilledWorker"
+
+    def _collect(self, fut: Any, chunk: Chunk) -> ChunkResult | None:
+        """The chunk's result; None when it was lost on the way (the worker
+        holding it died, and dask could not compute it again)."""
+        if fut.status == "finished":
+            try:
+                return fut.result()
+            except Exception:
+                if self._died(fut):
+                    return None
+                raise
         exc = fut.exception()
-        if type(exc).__name__ == "KilledWorker":
-            raise self._worker_died(chunk, exc) from None
         raise DaskBackendError(
             f"dask could not run items {chunk.start}-{chunk.stop - 1}: {type(exc).__name__}: {exc}"
         ) from exc
 
-    def _data_lost(self) -> WorkerLost:
-        """Every worker holding the run's scattered data died (dask cannot
-        recompute scattered data): name the chunks that were running."""
-        unfinished = [c for c in self.chunks if c not in self.finished]
-        # Chunks that reported their start; a worker that died at once may
-        # not have got its report out, then any unfinished one is a suspect.
-        running = [c for c in unfinished if c in self.partial] or unfinished
-        spans = ", ".join(_span(self.chunks[c]) for c in running[:4])
-        if len(running) > 4:
-            spans += f" (or {len(running) - 4} more chunks)"
-        index = self.chunks[running[0]].start if len(running) == 1 else None
-        return WorkerLost(
-            chunks=running,
-            recoverable=False,
-            index=index,
-            span=f"one of {spans}",
-            who="dask workers",
-            recovery="every copy of the data sent for this call died with them; "
-            "the cluster replaced them",
-        )
+    def _place_deaths(self, lost: list[Chunk]) -> list[ChunkResult]:
+        """Find, from the records on the workers' hosts, the item each lost
+        chunk was running when its worker died; returns what the lost
+        chunks completed before (their kept results).
 
-    def _worker_died(self, chunk: Chunk, exc: BaseException) -> WorkerLost:
-        tries = getattr(exc, "allowed_failures", None)
-        tried = f" (dask ran it on {tries + 1} workers; each died)" if tries is not None else ""
-        if chunk.size == 1:
+        A chunk with a record of a dead worker inside its range names its
+        culprit; one that never started an item on a worker that died (dask
+        had queued it there, or its data was lost) is submitted again here,
+        as no item of it ran; any other is a death the engine cannot place.
+        """
+        from .worker import LOADING
+
+        records = self._records()
+        data_checked = False
+        kept = []
+        for chunk in lost:
+            self.lost.add(chunk.number)
+            self.partial.pop(chunk.number, None)
+            dead = sorted(
+                (started, item, pid)
+                for number, item, started, pid, alive in records
+                if number == chunk.number and not alive
+            )
+            # the latest death, if dask ran the chunk on several workers
+            item, pid = (dead[-1][1], dead[-1][2]) if dead else (None, 0)
+            if item is not None and chunk.start <= item < chunk.stop:
+                res = self._kept_results(chunk, pid, item)
+                if res is not None:
+                    kept.append(res)
+                self.losses.append(self._worker_died(chunk, item))
+                continue
+            if item is not None and item >= chunk.stop:
+                # every item ran; the worker died before the results left it
+                res = self._kept_results(chunk, pid, chunk.stop)
+                if res is not None and res.done == chunk.size:
+                    self.lost.discard(chunk.number)
+                    kept.append(res)
+                    continue
+            tries = self.resubmits.get(chunk.number, 0)
+            if item == LOADING or tries >= self.RESUBMITS:
+                self.losses.append(self._worker_died(chunk, None))
+                continue
+            if not data_checked:
+                self._ensure_data()
+                data_checked = True
+            self.resubmits[chunk.number] = tries + 1
+            self.lost.discard(chunk.number)
+            self.submit(chunk)
+        return kept
+
+    def _kept_results(self, chunk: Chunk, pid: int, stop: int) -> ChunkResult | None:
+        """What a dead worker's chunk completed before item ``stop``, from the
+        results it appended to its ``.values`` file (see ``worker.Record``)."""
+        from .worker import parse_kept, read_kept
+
+        if self.outs:
+            return None  # the chunk's writes died with it: its items run again
+        if cluster.is_local(self.client):
+            data = read_kept(self.call_id, chunk.number, pid)
+        else:
+            try:
+                found = self.client.run(read_kept, self.call_id, chunk.number, pid, nanny=True)
+            except Exception:
+                return None
+            data = max(found.values(), key=len, default=b"")
+        values = parse_kept(data, chunk.start, stop)
+        if not values:
+            return None
+        res = ChunkResult(chunk.number, done=len(values), values=values)
+        self.finished[chunk.number] = res
+        return res
+
+    def _records(self) -> list[tuple[int, int, float, int, bool]]:
+        """The records of this call's chunks on every worker's host."""
+        from .worker import read_records
+
+        if cluster.is_local(self.client):
+            return read_records(self.call_id)  # our workers run on this machine
+        try:
+            per_nanny = self.client.run(read_records, self.call_id, nanny=True)
+        except Exception:  # workers without nannies: deaths are found by retrying
+            return []
+        return list({r for found in per_nanny.values() for r in found})
+
+    def _ensure_data(self) -> None:
+        """Scatter the run's data again when every copy of some of it died
+        with the workers that held it (dask cannot recompute scattered data;
+        this process still holds it)."""
+        if not self._data_on_cluster():
+            self._scatter()
+
+    def _worker_died(self, chunk: Chunk, index: int | None) -> WorkerLost:
+        if index is not None:
             return WorkerLost(
-                index=chunk.start,
-                who="dask workers",
-                how=tried,
-                recovery="the cluster replaced them",
+                chunks=[chunk.number],
+                index=index,
+                who="a dask worker",
+                recovery="the cluster replaced it",
             )
         done = self.partial.get(chunk.number, 0)
         return WorkerLost(
             chunks=[chunk.number],
             span=f"one of items {chunk.start}-{chunk.stop - 1} "
             f"(at least {done} of them had finished)",
-            who="dask workers",
-            how=tried,
-            recovery="the cluster replaced them",
+            who="a dask worker",
+            recovery="the cluster replaced it",
         )
 
     def items_done(self) -> int:
         done = sum(res.done for res in list(self.finished.values()))
-        return done + sum(n for c, n in list(self.partial.items()) if c not in self.finished)
+        return done + sum(
+            n
+            for c, n in list(self.partial.items())
+            if c not in self.finished and c not in self.lost
+        )
 
     def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         """Stop queued chunks now and running ones at their next item.
@@ -338,6 +492,7 @@ class DaskTransport(Transport):
             if fut.status == "finished":
                 with contextlib.suppress(Exception):
                     res = fut.result()
+                    fut.release()
                     self.finished[res.chunk] = res
                     results.append(res)
         pending = [f for f in self.futures if not f.done()]
@@ -349,7 +504,33 @@ class DaskTransport(Transport):
         return results
 
     def recover(self) -> None:
-        """Nothing to do: dask's nannies replace dead workers themselves."""
+        """Dask's nannies replace dead workers themselves; what is left is
+        the run's data, scattered again if it died with them."""
+        self._ensure_data()
+
+    def stop_overdue(self, seconds: float) -> list[int]:
+        """Kill the workers of our cluster whose current item started more
+        than ``seconds`` ago (their records say when); their nannies start
+        fresh ones, and the engine hears of each as a death under that item.
+        """
+        from .worker import read_records
+
+        now = time.time()
+        stopped = []
+        for number, item, started, pid, alive in read_records(self.call_id):
+            chunk = self.chunks.get(number)
+            if (
+                alive
+                and pid not in self.killed
+                and chunk is not None
+                and chunk.start <= item < chunk.stop
+                and now - started > seconds
+            ):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                self.killed.add(pid)
+                stopped.append(item)
+        return stopped
 
     def land_outputs(self) -> None:
         for c in sorted(self.finished):
@@ -359,12 +540,17 @@ class DaskTransport(Transport):
     def release(self) -> None:
         """Forget the run: its payload, chunks and outputs leave the workers'
         memory; its big inputs stay until a run does not need them."""
-        from .worker import end_call
+        from .worker import end_call, remove_records
 
         _active.pop(self.call_id, None)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.run(end_call, self.call_id, wait=False)
+            if cluster.is_local(self.client):
+                remove_records(self.call_id)
+            elif self.lost:
+                with contextlib.suppress(Exception):
+                    self.client.run(remove_records, self.call_id, nanny=True)
         for fut in self.all_futures + self.scattered:
             with contextlib.suppress(Exception):
                 fut.release()
@@ -372,7 +558,3 @@ class DaskTransport(Transport):
         self.futures.clear()
         self.scattered.clear()
         self.inputs.clear()  # dropped, not released: `kept` may keep them
-
-
-def _span(chunk: Chunk) -> str:
-    return f"item {chunk.start}" if chunk.size == 1 else f"items {chunk.start}-{chunk.stop - 1}"

@@ -11,12 +11,22 @@ changed, compared byte for byte with the original: the parent applies them
 to the caller's array. Progress is a throttled structured event (at most
 five per second per chunk); cancelling is a flag the parent sets on every
 worker with ``Client.run``, read between items at the cost of a set lookup.
+
+Each running chunk also notes the item it is at in a small file on the
+worker's host (:class:`Record`): unlike the worker's memory and its
+events, the file outlives a worker that dies inside an item, so the parent
+learns exactly which item killed it (reading the file itself on our own
+cluster, through the host's nannies on another machine).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import pickle
+import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +52,163 @@ _running: collections.Counter[str] = collections.Counter()  # call id -> chunks 
 _loading = threading.local()  # arrays and out copies while a payload is unpickled
 
 
+#: Item and start time (``time.time()``) in a record file; the item is
+#: ``LOADING`` while the chunk unpickles its payload.
+_RECORD = struct.Struct("<qd")
+LOADING = -1
+
+
+def records_dir() -> str:
+    """Where workers on this host keep their records (the same for the
+    worker, its nanny and, on our own cluster, the parent)."""
+    return os.path.join(tempfile.gettempdir(), f"shm_kernel_safe-dask-{os.getuid()}")
+
+
+#: Bytes of results one chunk keeps on disk at most: beyond, a death costs
+#: running its items again rather than the disk writing big results twice.
+KEEP_LIMIT = 64 * 2**20
+#: Header of one kept result in a ``.values`` file: item, pickle length.
+_VALUE = struct.Struct("<qQ")
+VALUES = ".values"
+
+
+class Record:
+    """The item one running chunk is at: a 16-byte file named after the
+    call, the chunk and the worker's pid, rewritten before each item and
+    removed when the chunk returns. A file is what survives a worker that
+    dies inside an item (``os._exit``, a segfault, the OOM killer), and it
+    costs one ``pwrite`` per item.
+
+    With ``keep_values`` the results of the items that completed are
+    appended, pickled, to a second file: a chunk returns its results when
+    it ends, so without it those of a dying worker's chunk would die with
+    it and run again. Not for runs with output arrays (their writes come
+    back only at the chunk's end); results that do not pickle, a failed
+    item (``errors="continue"``), a full disk or ``KEEP_LIMIT`` end the
+    keeping there.
+    """
+
+    def __init__(self, call_id: str, chunk: int, start: int, keep_values: bool) -> None:
+        directory = records_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.path = os.path.join(directory, f"{call_id}-{chunk}-{os.getpid()}")
+        self.fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        self.values_fd = -1
+        self.next = start  # the next item whose result is kept
+        self.kept_bytes = 0
+        if keep_values:
+            flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_APPEND
+            self.values_fd = os.open(self.path + VALUES, flags, 0o600)
+        self.at(LOADING)
+
+    def at(self, index: int) -> None:
+        os.pwrite(self.fd, _RECORD.pack(index, time.time()), 0)
+
+    def keep(self, index: int, value: Any) -> None:
+        """Append item ``index``'s result; never raises (it runs inside the
+        item loop, where an exception would be the item's)."""
+        if self.values_fd < 0:
+            return
+        try:
+            if index != self.next:
+                raise ValueError("an item between failed")
+            data = pickle.dumps(value, protocol=5)
+            self.kept_bytes += len(data)
+            if self.kept_bytes > KEEP_LIMIT:
+                raise ValueError("kept enough")
+            os.write(self.values_fd, _VALUE.pack(index, len(data)) + data)
+            self.next += 1
+        except Exception:
+            os.close(self.values_fd)
+            self.values_fd = -1
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        if self.values_fd >= 0:
+            os.close(self.values_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path + VALUES)
+
+
+def _open_record(spec: DaskChunk, keep_values: bool) -> Record | None:
+    try:
+        return Record(spec.call_id, spec.chunk, spec.start, keep_values)
+    except OSError:  # no writable temporary directory: deaths are then found by retrying
+        return None
+
+
+def read_records(call_id: str) -> list[tuple[int, int, float, int, bool]]:
+    """Records of ``call_id`` on this host: ``(chunk, item, started, pid,
+    alive)`` each. Runs in the parent on our own cluster, in a nanny
+    (``Client.run(..., nanny=True)``) on another machine."""
+    import psutil
+
+    found = []
+    directory = records_dir()
+    try:
+        names = [
+            n
+            for n in os.listdir(directory)
+            if n.startswith(call_id + "-") and not n.endswith(VALUES)
+        ]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                item, started = _RECORD.unpack(f.read(_RECORD.size))
+        except (OSError, struct.error):
+            continue  # removed meanwhile, or not written yet
+        _, chunk, pid = name.rsplit("-", 2)
+        try:
+            alive = psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        found.append((int(chunk), item, started, int(pid), alive))
+    return found
+
+
+def read_kept(call_id: str, chunk: int, pid: int) -> bytes:
+    """The ``.values`` file a chunk's worker left (empty when there is none)."""
+    path = os.path.join(records_dir(), f"{call_id}-{chunk}-{pid}{VALUES}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def parse_kept(data: bytes, start: int, stop: int) -> list:
+    """Results of items ``start``, ``start + 1``... read from a ``.values``
+    file, up to ``stop`` (exclusive) or the first record cut short."""
+    values: list = []
+    offset = 0
+    while start + len(values) < stop and offset + _VALUE.size <= len(data):
+        index, size = _VALUE.unpack_from(data, offset)
+        body = data[offset + _VALUE.size : offset + _VALUE.size + size]
+        if index != start + len(values) or len(body) < size:
+            break
+        try:
+            values.append(pickle.loads(body))
+        except Exception:
+            break
+        offset += _VALUE.size + size
+    return values
+
+
+def remove_records(call_id: str) -> None:
+    """Remove what is left of ``call_id``'s records on this host (those of
+    workers that died; a chunk that returns removes its own)."""
+    directory = records_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.startswith(call_id + "-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
 @dataclass(frozen=True)
 class DaskChunk:
     call_id: str
@@ -63,9 +230,12 @@ def run_dask_chunk(
         return result
     with _lock:
         _running[spec.call_id] += 1
+    record = _open_record(spec, keep_values=not outs)
     try:
-        return _run(spec, payload, arrays, outs, result)
+        return _run(spec, payload, arrays, outs, result, record)
     finally:
+        if record is not None:
+            record.close()
         with _lock:
             _running[spec.call_id] -= 1
             if not _running[spec.call_id]:
@@ -78,6 +248,7 @@ def _run(
     arrays: dict[str, Aligned],
     outs: dict[str, Aligned],
     result: ChunkResult,
+    record: Record | None = None,
 ) -> ChunkResult:
     try:
         loaded, private = _load(spec.call_id, payload, arrays, outs)
@@ -85,18 +256,30 @@ def _run(
         result.error = describe_error(exc, spec.start, None, loading=True)
         return result
     reporter = _progress_reporter(spec)
-    tick = None
     if reporter is not None:
         reporter(0)  # started: the parent learns which chunks are in flight
-        done = 0
-        next_report = time.perf_counter() + REPORT_EVERY
+    if record is not None:
+        record.at(spec.start)
+    done = 0
+    next_report = time.perf_counter() + REPORT_EVERY
 
-        def tick() -> None:
-            nonlocal done, next_report
-            done += 1
-            if time.perf_counter() >= next_report:
-                reporter(done)
-                next_report = time.perf_counter() + REPORT_EVERY
+    def tick() -> None:
+        nonlocal done, next_report
+        done += 1
+        if record is not None:
+            record.at(spec.start + done)  # the next item, from now
+        if reporter is not None and time.perf_counter() >= next_report:
+            reporter(done)
+            next_report = time.perf_counter() + REPORT_EVERY
+
+    keep = None
+    values: list = []
+    if record is not None and record.values_fd >= 0:
+
+        def keep(i: int, value: Any) -> None:
+            values.extend([None] * (i - spec.start - len(values)))  # failed items
+            values.append(value)
+            record.keep(i, value)
 
     ended, call_id = _ended, spec.call_id
     run_items(
@@ -106,9 +289,13 @@ def _run(
         spec.stop,
         result,
         cancelled=lambda: call_id in ended,
+        keep=keep,
         tick=tick,
         keep_going=spec.keep_going,
     )
+    if keep is not None:
+        values.extend([None] * (result.done - len(values)))
+        result.values = values
     # Also after a failed item: the writes of the items that completed land
     # (and those the failed item made before it raised, as locally).
     result.writes = {key: changed_elements(private[key], outs[key].array) for key in private}
