@@ -236,6 +236,7 @@ def parallel_map(
         unknown=unknown,
         known=_PARAMETERS,
         transport=transport_type,
+        transport_options=transport_options,
     )
     seq = args.items
     transport = transport_type.from_options(transport_options)

@@ -19,7 +19,7 @@ from .. import _checks
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from .captured import fix_text, unowned_writes
 from .reporting import PROGRESS_MODES
-from .transport import Inputs, Transport
+from .transport import Inputs, Transport, TransportOptions
 
 #: What a failed item does to the run: stop it, or be recorded while it goes on.
 ERROR_MODES = ("raise", "continue")
@@ -72,6 +72,7 @@ def check_run(
     unknown: dict[str, Any] | None = None,
     known: Iterable[str] = (),
     transport: type[Transport],
+    transport_options: TransportOptions | None = None,
 ) -> RunArguments:
     """Every argument of a run, checked; raises the first invalid one by name.
 
@@ -92,7 +93,8 @@ def check_run(
     check_progress(progress)
     check_captured_writes(fn, outputs, transport.writes_shared_in_place)
     item_timeout = _checks.seconds("item_timeout", item_timeout)
-    if item_timeout is not None and not transport.stops_single_items:
+    options = transport_options or TransportOptions()
+    if item_timeout is not None and not transport.stops_items_with(options):
         raise InvalidArgumentError(
             "item_timeout",
             f"is not supported by backend={transport.name!r}: it cannot stop one item "

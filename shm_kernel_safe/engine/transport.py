@@ -155,6 +155,12 @@ class Transport(ABC):
         )
 
     @classmethod
+    def stops_items_with(cls, options: TransportOptions) -> bool:
+        """Whether a transport built from ``options`` can stop one item
+        (``item_timeout=``), known before it is built."""
+        return cls.stops_single_items
+
+    @classmethod
     @abstractmethod
     def from_options(cls, options: TransportOptions) -> Transport:
         """A transport for one run, from options :meth:`check_options` returned."""

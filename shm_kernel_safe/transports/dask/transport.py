@@ -132,6 +132,10 @@ class DaskTransport(Transport):
         return replace(checked, client=options.client)
 
     @classmethod
+    def stops_items_with(cls, options: TransportOptions) -> bool:
+        return options.client is None  # our own cluster's workers can be stopped
+
+    @classmethod
     def from_options(cls, options: TransportOptions) -> DaskTransport:
         return cls(options.client, options.processes, options.threads_per_worker)
 
