@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import inspect
 import threading
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from .displays import make_progress
+from .engine.callsite import warn_at_caller
 from .engine.options import check_run
 from .engine.pickling import DEFAULT_THRESHOLD
-from .engine.protocol import Subset
-from .engine.results import finish, prior_values
 from .engine.run import ProgressCallback, Run
 from .engine.transport import TransportOptions
-from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning, PartialResults
+from .errors import FailedItems, ItemsFailedWarning
 from .transports import registry
 from .transports.local.transport import prestart as _prestart_local
 
@@ -34,9 +32,10 @@ def last_errors() -> FailedItems:
     With ``errors="continue"`` a run goes on past failing items and only
     warns; this returns one error per failed item (a ``TaskError`` with the
     item and the remote traceback, or a ``WorkerDiedError``), in item
-    order. It also carries the run's ``done`` and ``partial``, so
+    order. It also carries the run's ``done``, ``partial`` and ``run``, so
     ``parallel_map(fn, items, resume=sks.last_errors())`` re-runs just the
-    failed items. Empty when the last call had no failed item.
+    failed items. Empty when the last call had no failed item (``resume=``
+    then refuses it: there is nothing to resume).
 
     Returns
     -------
@@ -121,13 +120,14 @@ def parallel_map(
     share : iterable of ndarray
         Arrays to share whatever their size.
     out : ndarray or iterable of ndarray
-        Arrays ``fn`` writes into (``y[i] = ...``): after a successful call
-        the caller's own array objects hold the writes (in place when they
-        already live in shared memory, else copied back; on error an array
-        that was not shared is left as it was). A function that writes into
-        an array it captures (a global or closure variable) that is not
-        listed here is refused before the run starts, on every backend: in
-        workers the writes would be lost.
+        Arrays ``fn`` writes into (``y[i] = ...``): the caller's own array
+        objects hold the writes (in place when they already live in shared
+        memory, else copied back when the call ends). On error too: the
+        writes of the items that completed have landed, and those a failing
+        item made before it failed may have. A function that writes into an
+        array it captures (a global or closure variable) that is not listed
+        here is refused before the run starts, on every backend: in workers
+        the writes would be lost.
     progress : {"auto", "widget", "text", "none"} or callable, optional
         A widget bar in Jupyter and a text bar elsewhere (``"auto"``), or
         ``progress(done, total)`` called from this thread at most ten times
@@ -160,7 +160,12 @@ def parallel_map(
     resume : exception or FailedItems, optional
         What an earlier call of the same ``fn`` over the same ``items``
         completed (an error it raised, or :func:`last_errors`): only the
-        items not done run, and the complete result is returned.
+        items not done run, and the complete result is returned. Refused
+        (``InvalidArgumentError``) when it cannot be merged safely: other
+        items (checked by an XXH3 fingerprint), ``out=`` arrays that are
+        not the objects that run wrote, an error that records no run, or
+        ``last_errors()`` of a run without failures. A function whose code
+        changed only warns (:class:`ResumeFunctionChangedWarning`).
     threads_per_worker : int, optional
         BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
         Default: the usable CPUs divided by the workers, at least 1, so that
@@ -174,16 +179,25 @@ def parallel_map(
     Returns
     -------
     numpy.ndarray, numpy.ma.MaskedArray or list
-        An ndarray when the results are numbers or equal-shape arrays, else
-        a list; always memory the caller owns, never a view of shared
-        memory. With ``errors="continue"`` and failed items: a masked array
-        masked where they failed, or a list with None there.
+        One rule on every backend, always memory the caller owns:
+
+        =====================================  ==============================
+        per-item results                       returned
+        =====================================  ==============================
+        numbers (scalars, 0-d arrays)          1-d ndarray (common dtype)
+        non-object arrays of one shape         ndarray ``(n, *shape)``
+        either, some items not done            MaskedArray, masked there
+        either, some masked elements           MaskedArray keeping them
+        anything else                          list (None where not done)
+        no items                               ``[]``
+        =====================================  ==============================
 
     Raises
     ------
     TaskError
-        An item raised; names the item and carries the remote traceback
-        (``__cause__`` is the original exception when it could be pickled).
+        An item raised, or returned a result that cannot be pickled; names
+        the item and carries its traceback (``__cause__`` is the original
+        exception, with its arguments, when it could be pickled).
     WorkerDiedError
         A worker died (segfault, ``os._exit``, OOM kill); names its item.
     ParallelTimeoutError
@@ -200,6 +214,9 @@ def parallel_map(
         An argument is invalid (also a ``ValueError``; the ``TypeError``
         subclass :class:`InvalidArgumentTypeError` for wrong types), raised
         before any process starts.
+    SharedMemoryCapacityError
+        An input, ``out=`` array or the results do not fit in the free
+        space of ``/dev/shm`` (also a ``MemoryError``).
     DaskBackendError
         The dask backend cannot run (``distributed`` missing, scheduler
         unreachable).
@@ -240,33 +257,27 @@ def parallel_map(
     )
     seq = args.items
     transport = transport_type.from_options(transport_options)
-    prior = _prior(resume, len(seq))
     _last.errors = None
-    todo = None if prior is None else np.flatnonzero(~prior[0])
-    if len(seq) == 0 or (todo is not None and len(todo) == 0):
-        return [] if prior is None else finish(prior_values(prior[1], prior[0]), prior[0])
     # A display made here (progress given as a mode) is ours to close, also
     # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
     callback = display if isinstance(progress, str) else progress
-    run = Run(
-        fn,
-        seq if todo is None else Subset(seq, todo),
-        transport,
-        chunksize=args.chunksize,
-        timeout=args.timeout,
-        inputs=args.inputs,
-        progress=callback,
-        errors=args.errors,
-        retries=args.retries,
-        item_timeout=args.item_timeout,
-        positions=todo,
-    )
     try:
+        run = Run(
+            fn,
+            seq,
+            transport,
+            chunksize=args.chunksize,
+            timeout=args.timeout,
+            inputs=args.inputs,
+            progress=callback,
+            errors=args.errors,
+            retries=args.retries,
+            item_timeout=args.item_timeout,
+            resume=resume,  # checked, and merged once, by the run
+        )
         result = run.execute()
     except BaseException as exc:
-        if prior is not None and isinstance(exc, PartialResults) and exc.done is not None:
-            exc.done, exc.partial = _merged(prior, todo, run)
         if display is not None:
             display.close(error=exc)
         raise
@@ -274,51 +285,14 @@ def parallel_map(
         transport.release()
     if display is not None:
         display.close()
-    if prior is not None:
-        done, result = _merged(prior, todo, run)
-    else:
-        done = run.done
-    if run.failures:
-        failed = FailedItems([run.failures[i] for i in sorted(run.failures)], done.copy(), result)
-        _last.errors = failed
-        warnings.warn(ItemsFailedWarning(failed.summary(), failed), stacklevel=2)
+    if run.failed_items:
+        _last.errors = run.failed_items
+        warn_at_caller(ItemsFailedWarning(run.failed_items.summary(), run.failed_items))
     return result
 
 
 #: parallel_map's own keyword arguments, for the "did you mean" of a typo.
 _PARAMETERS = tuple(inspect.signature(parallel_map).parameters)[2:-1]
-
-
-def _prior(resume: Any, n_items: int) -> tuple[np.ndarray, Any] | None:
-    """(done, partial) of the run to resume, checked against these items."""
-    if resume is None:
-        return None
-    done = getattr(resume, "done", None)
-    if done is None or not hasattr(resume, "partial"):
-        raise InvalidArgumentError(
-            "resume",
-            "must be an error raised by parallel_map (with .done and .partial) or "
-            f"shm_kernel_safe.last_errors(), got {type(resume).__name__}",
-        )
-    done = np.asarray(done, dtype=bool)
-    if done.shape != (n_items,):
-        raise InvalidArgumentError(
-            "resume",
-            f"is from a run of {done.size} items; these are {n_items} "
-            f"(resume the same items the failed run had)",
-        )
-    return done, resume.partial
-
-
-def _merged(prior: tuple[np.ndarray, Any], todo: np.ndarray | None, run: Run) -> tuple:
-    """(done, result) of an earlier run completed by ``run``, which ran ``todo``."""
-    done = prior[0].copy()
-    values = prior_values(prior[1], prior[0])
-    ran = run.values()
-    for k in np.flatnonzero(run.done):
-        values[todo[k]] = ran[k]  # type: ignore[index]
-    done[todo] = run.done
-    return done, finish(values, done)
 
 
 def prestart(

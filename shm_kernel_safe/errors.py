@@ -150,12 +150,18 @@ class PartialResults:
         array (masked where not done) when the results stack, else a list
         with None there.
 
+    run : RunRecord or None
+        Which run this is (its id) and what it ran: fingerprints of its
+        items and function, and its ``out=`` arrays, so that ``resume=``
+        refuses to merge it into a run of other items or arrays.
+
     Pass the exception to ``parallel_map(..., resume=exc)`` to run only the
     items not done and get the complete result.
     """
 
     done = None
     partial = None
+    run = None
 
 
 class _RemoteFailure(PartialResults, ShmKernelSafeError):
@@ -218,16 +224,27 @@ class TaskError(_RemoteFailure):
     [ True  True False False] [0 1 -- --]
     """
 
-    def __init__(self, index: int, item_repr: str, exc_type: str, message: str, remote_tb: str):
+    def __init__(
+        self,
+        index: int,
+        item_repr: str,
+        exc_type: str,
+        message: str,
+        remote_tb: str,
+        *,
+        remote: bool = True,
+    ):
         self.index = index
         self.item_repr = item_repr
         self.exc_type = exc_type
         self.remote_message = message
         self.remote_traceback = remote_tb
-        super().__init__(
-            f"item {index} ({item_repr}) raised {exc_type}: {message}\n\n"
-            f"Remote traceback:\n{remote_tb.rstrip()}"
-        )
+        # "Remote" only when the item ran in another process (not serial).
+        head = "Remote traceback" if remote else "Traceback (the item ran in this process)"
+        text = f"item {index} ({item_repr}) raised {exc_type}: {message}"
+        if remote_tb:  # none when no frame of the user's code failed
+            text += f"\n\n{head}:\n{remote_tb.rstrip()}"
+        super().__init__(text)
 
 
 class WorkerDiedError(_RemoteFailure):
@@ -293,15 +310,29 @@ class PerformanceHint(UserWarning):
     """
 
 
+class ResumeFunctionChangedWarning(UserWarning):
+    """``resume=`` merges a run whose function's code differs from this call's.
+
+    The items the earlier run completed keep the results of its code; the
+    others run the new code. Usually what is wanted (the bug that failed
+    the items is fixed); an error when it is not:
+    ``warnings.simplefilter("error", ResumeFunctionChangedWarning)``.
+    """
+
+
 class FailedItems(list):
     """The errors of the failed items of a run with ``errors="continue"``,
-    in item order, with the run's ``done`` and ``partial`` (its results),
-    so that ``parallel_map(..., resume=failed)`` re-runs just those items."""
+    in item order, with the run's ``done`` and ``partial`` (its results)
+    and ``run`` (see :class:`PartialResults`), so that
+    ``parallel_map(..., resume=failed)`` re-runs just those items."""
 
-    def __init__(self, errors: list, done: object = None, partial: object = None) -> None:
+    def __init__(
+        self, errors: list, done: object = None, partial: object = None, run: object = None
+    ) -> None:
         super().__init__(errors)
         self.done = done
         self.partial = partial
+        self.run = run
 
     def summary(self, limit: int = 3) -> str:
         """One line: how many failed, and the first few items with their errors."""
@@ -312,11 +343,15 @@ class FailedItems(list):
 
 
 def _short_error(error: BaseException) -> str:
-    exc_type = getattr(error, "exc_type", type(error).__name__)
-    message = getattr(error, "remote_message", None)
-    if message is None:
-        message = str(error).split(";")[0]
-    text = f"{exc_type}({message!r})"
+    original = error.__cause__
+    if original is not None and type(original).__qualname__ == getattr(error, "exc_type", None):
+        text = repr(original)  # the item's own exception, its arguments as they were
+    else:
+        exc_type = getattr(error, "exc_type", type(error).__name__)
+        message = getattr(error, "remote_message", None)
+        if message is None:
+            message = str(error).split(";")[0]
+        text = f"{exc_type}({message!r})"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

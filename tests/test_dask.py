@@ -57,8 +57,7 @@ def back_to_two(client) -> None:
     """Wait until both workers of our cluster are up: a killed worker is
     restarting (slowly on a loaded machine, when dask may give up on its
     nanny: ``restore_local_workers``)."""
-    dask_cluster.restore_local_workers(client)
-    client.wait_for_workers(2, timeout=150)
+    dask_cluster.wait_for_local_workers(client, 2, timeout=150)
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_gather_values_in_chunk_order_and_misfits_into_stacked():
     stacked = np.arange(4.0)
     fit = gather([ChunkResult(0, done=4)], 4, stacked)
     assert fit.tolist() == [0, 1, 2, 3] and fit.base is None and fit is not stacked
-    mixed = gather([ChunkResult(0, done=4, misfits={2: "two"})], 4, stacked)
+    mixed = gather([ChunkResult(0, done=4, misfits={2: "two"})], 4, stacked, 0.0)
     assert mixed == [0.0, 1.0, "two", 3.0] and type(mixed[0]) is float
 
 

@@ -88,7 +88,8 @@ def test_keep_going_masks_exactly_the_failed_items_and_names_them(kw):
     assert isinstance(errors[0], sks.TaskError) and "raise KeyError" in errors[0].remote_traceback
     if deadly:
         assert isinstance(errors[1], sks.WorkerDiedError)
-    fixed = sks.parallel_map(float, range(N), resume=errors, **kw)
+    with pytest.warns(sks.ResumeFunctionChangedWarning, match="its code changed"):
+        fixed = sks.parallel_map(float, range(N), resume=errors, **kw)
     assert np.array_equal(fixed, np.arange(N, dtype=float))
 
 

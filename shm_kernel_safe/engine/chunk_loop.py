@@ -62,6 +62,7 @@ def run_items(
         ``seconds`` and ``values``.
     """
     values: list | None = [] if keep is None else None
+    result.source = (items, start, keep_going)
     done = 0
     t0 = time.perf_counter()
     # Warnings are recorded (once per chunk and location, with their item)

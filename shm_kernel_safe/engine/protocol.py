@@ -14,6 +14,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
 import numpy as np
 
 from . import tracebacks
@@ -44,6 +45,8 @@ class RemoteError:
     # In-process runs only (the serial transport): the live traceback, so
     # that %debug / pdb.post_mortem land in the user's frame.
     traceback: types.TracebackType | None = field(default=None, compare=False)
+    # The item ran in the caller's own process: its traceback is not "remote".
+    in_process: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -66,6 +69,105 @@ class ChunkResult:
     # for transports whose workers cannot write the caller's arrays in place
     writes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # worker_warnings.CapturedWarning
+    # (items, chunk start, keep_going), set by the chunk loop, never pickled:
+    # to name the item whose result cannot be pickled.
+    source: Any = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple:
+        # Pickled by the transport's own pickler (loky, dask) on the way back:
+        # a result that cannot be pickled becomes its item's error here, in
+        # the worker, instead of a bare TypeError without item or partials.
+        try:
+            data = _dumps(self._state())
+        except Exception:
+            self.make_sendable()
+            data = _dumps(self._state())
+        return _chunk_result_from, (data,)
+
+    def _state(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["source"] = None
+        return state
+
+    def make_sendable(self) -> None:
+        """Turn each result that cannot be pickled into its item's error.
+
+        Every transport returns only results that pickle (the serial one
+        checks too, so a run behaves the same on all). With ``keep_going``
+        the item fails and the chunk keeps the rest; otherwise the chunk
+        ends before that item, as if it had raised.
+        """
+        if self.source is None or _unpicklable((self.values, self.misfits)) is None:
+            return
+        items, start, keep_going = self.source
+        candidates = [(start + k, v) for k, v in enumerate(self.values or []) if v is not None]
+        candidates += list(self.misfits.items())
+        bad = [(i, v, exc) for i, v in candidates if (exc := _unpicklable(v)) is not None]
+        bad.sort(key=lambda found: found[0])
+        for index, value, exc in bad:
+            error = describe_unsendable(exc, index, items, value)
+            if keep_going:
+                self.failed[index] = error
+                if self.values is not None:
+                    self.values[index - start] = None
+                self.misfits.pop(index, None)
+                continue
+            self.error = error
+            self.done = index - start
+            if self.values is not None:
+                del self.values[self.done :]
+            self.misfits = {i: v for i, v in self.misfits.items() if i < index}
+            self.failed = {i: e for i, e in self.failed.items() if i < index}
+            break
+
+
+#: Protocol 4: an array comes back as a writable copy. (Protocol 5 keeps a
+#: read-only array's bytes in-band, and it would unpickle read-only.)
+_PROTOCOL = 4
+
+
+def _dumps(state: dict[str, Any]) -> bytes:
+    try:
+        return pickle.dumps(state, protocol=_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(state, protocol=_PROTOCOL)  # lambdas, local classes
+
+
+def _chunk_result_from(data: bytes) -> ChunkResult:
+    result = ChunkResult.__new__(ChunkResult)
+    result.__dict__.update(pickle.loads(data))
+    return result
+
+
+def _unpicklable(value: Any) -> BaseException | None:
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
+    except Exception:
+        pass
+    try:
+        cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
+    except Exception as exc:
+        return exc
+
+
+def describe_unsendable(exc: BaseException, index: int, items: Any, value: Any) -> RemoteError:
+    """The error of item ``index``, whose result ``value`` cannot be pickled."""
+    kind = type(value).__qualname__
+    message = (
+        f"its result (a {kind}) cannot be pickled, so it cannot come back from a worker "
+        f"process: {exc}"
+    )
+    return RemoteError(
+        index,
+        _item_repr(items, index),
+        "TypeError",
+        message,
+        [],  # no frame of the user's code failed: the pickling did
+        [f"TypeError: {message}\n"],
+        TypeError(message),
+    )
 
 
 def describe_error(
@@ -82,12 +184,7 @@ def describe_error(
     in the user's code. ``loading`` means the payload itself failed to load.
     """
     frames, exc_lines = tracebacks.extract(exc, skip=0 if loading else 1)
-    try:
-        item_repr = "<loading the function in the worker>" if loading else repr(items[index])
-    except Exception:
-        item_repr = f"<item {index}>"
-    if len(item_repr) > 200:
-        item_repr = item_repr[:197] + "..."
+    item_repr = "<loading the function in the worker>" if loading else _item_repr(items, index)
     original: BaseException | None = exc
     if not keep_traceback:
         try:
@@ -103,7 +200,16 @@ def describe_error(
         exc_lines,
         original,
         exc.__traceback__ if keep_traceback else None,
+        in_process=keep_traceback,
     )
+
+
+def _item_repr(items: Any, index: int) -> str:
+    try:
+        text = repr(items[index])
+    except Exception:
+        text = f"<item {index}>"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class Subset:

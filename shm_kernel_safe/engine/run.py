@@ -47,19 +47,28 @@ import cloudpickle
 import numpy as np
 
 from ..errors import (
-    InvalidArgumentError,
+    FailedItems,
     InvalidArgumentTypeError,
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
+    ShmKernelSafeError,
     TaskError,
     WorkerDiedError,
 )
 from . import captured, hints, tracebacks, worker_warnings
 from .planning import Chunk, Plan
-from .protocol import ChunkResult, Payload, RemoteError
+from .protocol import ChunkResult, Payload, RemoteError, Subset
 from .reporting import ThrottledReport
-from .results import finish, gather, item_values
+from .results import assemble, gather, item_values
+from .resume import (
+    OutputRecord,
+    Prior,
+    RunRecord,
+    fingerprint_function,
+    fingerprint_items,
+    new_run_id,
+)
 from .transport import Inputs, Transport, WorkerLost
 
 ProgressCallback = Callable[[int, int], None]
@@ -102,13 +111,17 @@ class Run:
     item_timeout
         Seconds an item may run before its worker is stopped and the item
         fails with ``TimeoutError`` (transports that can stop one worker).
-    positions
-        The original index of each item (a resumed run runs a subset).
+    resume
+        The error (or ``last_errors()``) of an earlier run of ``fn`` over
+        ``items`` with the same ``out=`` arrays: checked before anything
+        runs (:meth:`.resume.Prior.check`), then only the items it did not
+        complete run, and its results are merged into this run's, once.
 
     Whatever happens, the run ends with ``done`` (one bool per item) and
     what completed, which every error it raises carries (``exc.done``,
-    ``exc.partial``), with the writes of completed items into ``out=``
-    arrays landed.
+    ``exc.partial``, and ``exc.run``: what ran, for ``resume=``), with the
+    writes of completed items into ``out=`` arrays landed. After a run with
+    failed items (``errors="continue"``), ``failed_items`` lists them.
     """
 
     def __init__(
@@ -124,9 +137,17 @@ class Run:
         errors: str = "raise",
         retries: int = 0,
         item_timeout: float | None = None,
-        positions: np.ndarray | None = None,
+        resume: Any = None,
     ) -> None:
         self.fn = fn
+        self.id = new_run_id()
+        self.all_items = items
+        # Checked before anything runs: a resume that cannot be merged is refused.
+        self.prior = None if resume is None else Prior.check(resume, fn, items, inputs.outputs)
+        self.positions: np.ndarray | None = None  # the caller's index of each item run
+        if self.prior is not None:
+            self.positions = np.flatnonzero(~self.prior.done)
+            items = Subset(items, self.positions)
         self.items = items
         self.n_items = len(items)
         self.transport = transport
@@ -136,7 +157,8 @@ class Run:
         self.keep_going = errors == "continue"
         self.retries = retries
         self.item_timeout = item_timeout
-        self.positions = positions
+        self.failed_items: FailedItems | None = None
+        self.first: Any = None  # the probe's result, the kind ``stacked`` holds
         self.deadline: float | None = None
         self.results: dict[int, ChunkResult] = {}
         self.done = np.zeros(self.n_items, dtype=bool)
@@ -157,6 +179,8 @@ class Run:
         if self.timeout is not None:
             self.deadline = started + self.timeout
         transport = self.transport
+        if self.n_items == 0:  # nothing (left) to run: no process starts
+            return self._outcome()[1]
         try:
             transport.encode(
                 Payload(self.fn, self.items),
@@ -164,8 +188,8 @@ class Run:
                 keep_going=self.keep_going,
                 item_timeout=self.item_timeout,
             )
-        except InvalidArgumentError:
-            raise
+        except (ShmKernelSafeError, MemoryError):
+            raise  # our own errors (no room in /dev/shm...) say what happened
         except Exception as exc:
             raise unpicklable_error(self.fn, exc) from exc
         try:
@@ -185,15 +209,46 @@ class Run:
                     fixed = time.monotonic() - started - seconds
                     hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
                 if self.done[0] and 0 not in self.failures:
+                    self.first = value
                     self.stacked = transport.stack_results(value, self.n_items)
                 self._run_chunks(plan.cut_rest(seconds, transport.min_chunk_seconds))
         except BaseException as exc:
             raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
         transport.land_outputs()
-        if not (self.failures or self.recovered) and self.positions is None:
-            return gather(self.results.values(), self.n_items, self.stacked)
-        return finish(self.values(), self.done)
+        if not (self.failures or self.recovered) and self.prior is None:
+            return gather(self.results.values(), self.n_items, self.stacked, self.first)
+        done, result = self._outcome()
+        if self.failures:
+            errors = [self.failures[i] for i in sorted(self.failures)]
+            self.failed_items = FailedItems(errors, done, result, self.record())
+        return result
+
+    def _outcome(self) -> tuple[np.ndarray, np.ndarray | np.ma.MaskedArray | list]:
+        """(done, result) over the caller's items: this run's values, merged
+        with the resumed run's, assembled by the one rule of ``results``."""
+        values, done = self.values(), self.done
+        if self.prior is not None:
+            values, done = self.prior.merge(values, done, self.positions)  # type: ignore[arg-type]
+        return done.copy(), assemble(values, done)
+
+    def record(self) -> RunRecord:
+        """What this run ran, for its errors (``exc.run``) and ``resume=``.
+
+        Fingerprints are computed here, when a run failed, never on the way
+        of a run that succeeds; a resumed run's items were fingerprinted
+        when they were checked.
+        """
+        if self.prior is not None:
+            items = self.prior.record.items
+        else:
+            items = fingerprint_items(self.all_items)
+        return RunRecord(
+            self.id,
+            items,
+            fingerprint_function(self.fn),
+            tuple(OutputRecord.of(arr) for arr in self.inputs.outputs),
+        )
 
     def _probe(self) -> tuple[Any, float]:
         """Item 0's value and the seconds it took (0.0: unknown, e.g. salvaged)."""
@@ -212,7 +267,9 @@ class Run:
     def values(self) -> list:
         """One value per item, None where it did not complete."""
         starts = {c.number: c.start for c in self.plan.chunks} if self.plan else {}
-        return item_values(self.results.values(), starts, self.n_items, self.stacked, self.done)
+        return item_values(
+            self.results.values(), starts, self.n_items, self.stacked, self.done, self.first
+        )
 
     # -- waiting ---------------------------------------------------------------
     def _run_chunks(self, chunks: list[Chunk]) -> None:
@@ -364,7 +421,8 @@ class Run:
                 f"(exc.partial), parallel_map(..., resume=exc) runs the rest"
             )
         if isinstance(exc, PartialResults):
-            exc.done, exc.partial = self.done.copy(), finish(self.values(), self.done)
+            exc.done, exc.partial = self._outcome()
+            exc.run = self.record()
         return exc
 
     def _poll_timeout(self) -> float:
@@ -414,12 +472,16 @@ def task_error(
     numbers a subset). A write refused because a captured array is
     read-only in the run says which ``out=`` would make it land.
     """
-    text = tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
+    text = (
+        tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
+        if err.frames
+        else ""
+    )
     index = err.index if index is None else index
     message = err.message
     if err.exc_type == "ValueError":
         message += captured.read_only_hint(message, fn, outputs)
-    error = TaskError(index, err.item_repr, err.exc_type, message, text)
+    error = TaskError(index, err.item_repr, err.exc_type, message, text, remote=not err.in_process)
     error.__cause__ = err.original
     error.__suppress_context__ = True
     if err.traceback is not None:

@@ -4,6 +4,7 @@ namespace, call the library, write owned copies back."""
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from typing import Any
@@ -27,14 +28,12 @@ from ..errors import (
 )
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share
-from ..memory.digest import hexdigest
 from ..memory.share_cache import cache as share_cache
 from ..transports.dask import cluster as dask_cluster
 from ..transports.local import pool
 from . import cells
 
 _BACKEND_KWARG = re.compile(r"backend='(\w+)'")
-_RESUME_FLAG = re.compile(r"(?<!\S)--resume(?!\S)")
 
 #: How the magic spells parallel_map's arguments, for its error messages.
 OPTION_OF = {
@@ -59,8 +58,9 @@ class ShmMagics(Magics):
 
     def __init__(self, shell: Any = None) -> None:
         super().__init__(shell)
-        # (line, cell) -> (items fingerprint, what its last failed run kept), for --resume
-        self._resumable: dict[tuple, tuple[str, Any]] = {}
+        # run_key -> what the last failed run of that loop kept (its error or
+        # last_errors()), for --resume; the engine checks it against the run
+        self._resumable: dict[tuple, Any] = {}
 
     @magic_arguments()
     @argument(
@@ -170,8 +170,9 @@ class ShmMagics(Magics):
     @argument(
         "--resume",
         action="store_true",
-        help="run only the items the last failed or interrupted run of this cell "
-        "did not complete, and merge with what it kept",
+        help="run only the items the last failed or interrupted run of this loop (the "
+        "same variable, items, --out and --result) did not complete, and merge with what "
+        "it kept",
     )
     @cell_magic
     def shm_parallel(self, line: str, cell: str) -> None:
@@ -247,8 +248,8 @@ class ShmMagics(Magics):
             items = as_sequence(items)  # a generator is listed once, here
         except InvalidArgumentError as exc:
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
-        key = (_RESUME_FLAG.sub("", line).strip(), cell)
-        prior = self._prior_run(key, items) if args.resume else None
+        key = run_key(spec, args)
+        prior = self._prior_run(key) if args.resume else None
         try:
             result = parallel_map(
                 fn,
@@ -277,22 +278,22 @@ class ShmMagics(Magics):
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
         except (_RemoteFailure, KeyboardInterrupt) as exc:
-            self._kept_on_failure(key, items, exc, args.result)
+            self._kept_on_failure(key, exc, args.result)
             raise
         failed = last_errors()
         if failed:
-            self._resumable[key] = (_fingerprint(items), failed)
+            self._resumable[key] = failed
         else:
             self._resumable.pop(key, None)
         if args.result is not None:
             ns[args.result] = result
         return None
 
-    def _kept_on_failure(self, key: tuple, items: Any, exc: BaseException, result: Any) -> None:
+    def _kept_on_failure(self, key: tuple, exc: BaseException, result: Any) -> None:
         """After a failed run: keep what completed, and say how to resume."""
         if getattr(exc, "done", None) is None:
             return
-        self._resumable[key] = (_fingerprint(items), exc)
+        self._resumable[key] = exc
         if result is not None:
             self.shell.user_ns[result] = exc.partial  # type: ignore[attr-defined]
         completed = int(exc.done.sum())  # type: ignore[attr-defined]
@@ -303,19 +304,15 @@ class ShmMagics(Magics):
         elif isinstance(exc, ParallelInterrupt):
             exc.args = (f"interrupted after {completed} of {total} items, which were kept; {hint}",)
 
-    def _prior_run(self, key: tuple, items: Any) -> Any:
-        """What the last failed run of this cell kept, for ``--resume``."""
-        record = self._resumable.get(key)
-        if record is None:
+    def _prior_run(self, key: tuple) -> Any:
+        """What the last failed run of this loop kept, for ``--resume``; the
+        engine checks that it is a run of these items and ``--out`` arrays."""
+        state = self._resumable.get(key)
+        if state is None:
             raise UsageError(
-                "--resume: no failed, interrupted or partly failed run of this cell (with "
-                "this line) in this kernel; run it without --resume"
-            )
-        fingerprint, state = record
-        if fingerprint != _fingerprint(items):
-            raise UsageError(
-                "--resume: the items are not those of the run to resume; "
-                "run the cell without --resume"
+                "--resume: no failed, interrupted or partly failed run of this loop (the "
+                "same variable, items, --out and --result) in this kernel; run it without "
+                "--resume"
             )
         return state
 
@@ -456,12 +453,20 @@ class ShmMagics(Magics):
             print(f"removed {seg.name} ({human_bytes(seg.nbytes)}, owner pid {seg.owner_pid})")
 
 
-def _fingerprint(items: Any) -> str:
-    """What the items of a run were, to check that ``--resume`` resumes the same."""
-    if isinstance(items, np.ndarray) and not items.dtype.hasobject:
-        return f"ndarray {items.shape} {items.dtype} {hexdigest(items)}"
-    try:
-        text = repr(list(items)) if not isinstance(items, range) else repr(items)
-    except Exception:
-        text = f"{type(items).__name__} {id(items)}"
-    return hexdigest(np.frombuffer(text.encode(), dtype=np.uint8))
+def run_key(spec: cells.LoopSpec, args: Any) -> tuple:
+    """What makes two ``%%shm_parallel`` lines the same run, for ``--resume``.
+
+    The parsed loop (variable and items expression, spacing ignored), the
+    ``--out`` arrays and the ``--result`` name: what a run computes and
+    where it goes. The other options change how it runs (workers, backend,
+    chunks, timeouts, progress, error handling), not what it returns, so
+    they may differ, and any option may stand anywhere on the line. The
+    cell's code is not part of it: a cell fixed after a failure resumes,
+    with a warning from the engine that its code changed.
+    """
+    return (
+        ast.dump(ast.parse(spec.target, mode="eval")),
+        ast.dump(ast.parse(spec.iterable, mode="eval")),
+        tuple(args.out),
+        args.result,
+    )

@@ -13,7 +13,9 @@ write in place too), so a write lands or fails the same way on every
 backend. Differences, by nature: ``out=`` arrays are written directly, so
 they also hold the writes of a run that failed; a ``timeout`` stops the
 run between items (an item running is not interrupted); Ctrl-C raises
-``KeyboardInterrupt`` from inside the item.
+``KeyboardInterrupt`` from inside the item. What it keeps the same on
+purpose: results must pickle (a result that could not come back from a
+worker fails its item here too), and the results are copies.
 """
 
 from __future__ import annotations
@@ -109,9 +111,7 @@ class SerialTransport(Transport):
         if self.heartbeat_error is not None:
             error, self.heartbeat_error = self.heartbeat_error, None
             raise error
-        # What workers return is unpickled, so never a view of the caller's
-        # data; here a function may return one (x[nn]): give a copy.
-        result.values = [_unshared(v) for v in result.values or []]
+        _as_from_a_worker(result)
         return [result]
 
     def _cancelled(self) -> bool:
@@ -134,7 +134,7 @@ class SerialTransport(Transport):
         self.queue.clear()
         interrupted, self.interrupted = self.interrupted, None
         if interrupted is not None:
-            interrupted.values = [_unshared(v) for v in interrupted.values or []]
+            _as_from_a_worker(interrupted)
             return [interrupted]
         return []
 
@@ -142,6 +142,16 @@ class SerialTransport(Transport):
         captured.thaw(self.frozen)
         self.queue.clear()
         self.fn = self.items = None
+
+
+def _as_from_a_worker(result: ChunkResult) -> None:
+    """The chunk's results as a worker would send them back."""
+    # A result that cannot be pickled fails its item here too, so that a
+    # cell debugged on serial fails where it fails on the other backends.
+    result.make_sendable()
+    # What workers return is unpickled, so never a view of the caller's
+    # data; here a function may return one (x[nn]): give a copy.
+    result.values = [_unshared(v) for v in result.values or []]
 
 
 def _unshared(value: Any) -> Any:

@@ -168,13 +168,11 @@ def _local_client(
             cluster = _local["cluster"]
             if processes is not None and len(cluster.worker_spec) != wanted:
                 cluster.scale(wanted)  # -n changed between cells
-            else:
-                restore_local_workers(client)
             # Workers killed by the last call are restarting: wait for them,
             # or this call's data would reach only the survivors.
             wanted = len(cluster.worker_spec)
             try:
-                client.wait_for_workers(wanted, timeout=WORKER_START_TIMEOUT)
+                wait_for_local_workers(client, wanted, WORKER_START_TIMEOUT)
             except Exception as exc:
                 raise DaskBackendError(
                     f"the local dask cluster did not get back to {wanted} workers within "
@@ -354,6 +352,20 @@ def restore_local_workers(client: Any) -> None:
     with contextlib.suppress(Exception):
         if set(cluster.worker_spec) - set(cluster.workers):
             cluster.scale(len(cluster.worker_spec))
+
+
+def wait_for_local_workers(client: Any, wanted: int, timeout: float) -> None:
+    """Wait until our cluster has ``wanted`` workers, starting again those
+    whose nanny dask closes meanwhile (see :func:`restore_local_workers`);
+    raises ``TimeoutError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while len(client.scheduler_info(n_workers=-1)["workers"]) < wanted:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"fewer than {wanted} workers after {timeout:.0f} s")
+        restore_local_workers(client)
+        with contextlib.suppress(Exception):
+            client.wait_for_workers(wanted, timeout=min(5.0, left))
 
 
 def is_local(client: Any) -> bool:

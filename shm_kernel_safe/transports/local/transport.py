@@ -228,21 +228,27 @@ class LocalTransport(Transport):
         return place
 
     def wait(self, timeout: float) -> list[ChunkResult]:
+        if not self.futures:  # nothing of ours is out: a lost chunk, see below
+            time.sleep(timeout)
         done, _ = cf.wait(list(self.futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        # A broken pool is reported before any result of the batch is taken:
+        # chunks that came back in the same batch are then part of the loss
+        # (their results kept as salvage), never dropped between the two.
+        for fut in done:
+            exc = fut.exception()
+            if isinstance(exc, cf.process.BrokenProcessPool):  # loky's TerminatedWorkerError too
+                raise self._lost(exc) from None
         results = []
         for fut in done:
-            try:
-                res = fut.result()
-            except cf.process.BrokenProcessPool as exc:  # loky's TerminatedWorkerError too
-                raise self._lost(exc) from None
+            res = fut.result()
             del self.futures[fut]
             results.append(res)
         now = time.monotonic()
-        if results or not self.futures or self._any_running():
+        if results or self._any_running():
             self.quiet_since = now
-        elif now - self.quiet_since > STALL_SECONDS:
+        elif now - self.quiet_since > STALL_SECONDS:  # results are never dropped here
             raise self._stalled()
-        if self.futures and now >= self.next_death_check:
+        if not results and self.futures and now >= self.next_death_check:
             self.next_death_check = now + 1.0
             unreported = self._dead_unreported(now)
             if unreported:
@@ -415,8 +421,15 @@ class LocalTransport(Transport):
         assert self.lease is not None
         self.lease.stop_workers()
         lost = sorted(self.futures.values(), key=lambda c: c.number)
+        came_back = {
+            self.futures[f].number: f.result()
+            for f in list(self.futures)
+            if f.done() and not f.cancelled() and f.exception() is None
+        }
         salvage = [
-            self._with_log(ChunkResult(c.number, done=self._row_done(c.number))) for c in lost
+            came_back.get(c.number)
+            or self._with_log(ChunkResult(c.number, done=self._row_done(c.number)))
+            for c in lost
         ]
         culprits: list[tuple[int, int]] = []  # (item, pid)
         for chunk in lost:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import numpy as np
 
 from ...engine import captured
@@ -72,7 +73,15 @@ class Log:
         self.end = 0
 
     def add(self, index: int, kind: int, obj: Any) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            try:  # what the result message carries too: lambdas, local classes
+                data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                # Not logged: the chunk's result message turns it into its
+                # item's error (ChunkResult.make_sendable).
+                return
         at = self.end + 16
         stop = at + len(data)
         if stop > self.size:
@@ -259,7 +268,7 @@ def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> boo
                 return True
             return False
         if (
-            isinstance(value, np.ndarray)
+            type(value) is np.ndarray  # a subclass (a masked array) travels as it is
             and value.shape == out.shape[1:]
             and value.dtype == out.dtype
         ):
