@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_hourly
 
 import shm_kernel_safe as sks
+from shm_kernel_safe.engine.pickling import DEFAULT_THRESHOLD
 from shm_kernel_safe.engine.run import Run
-from shm_kernel_safe.engine.sharing import DEFAULT_THRESHOLD
 from shm_kernel_safe.engine.transport import Inputs
 from shm_kernel_safe.transports.dask import cluster as dask_cluster
 from shm_kernel_safe.transports.dask.kept import content_name

@@ -298,10 +298,10 @@ def main() -> None:
     from joblib.externals.loky import get_reusable_executor
     from mpire import WorkerPool
 
-    from shm_kernel_safe.engine import sharing
-    from shm_kernel_safe.engine.progress import TextProgress
+    from shm_kernel_safe.displays import TextProgress
     from shm_kernel_safe.memory.digest import digest
     from shm_kernel_safe.memory.share_cache import cache as share_cache
+    from shm_kernel_safe.transports.local import sharing
 
     ref = np.array([work(x, nn, k) for nn in range(N_TASKS)])
     results: dict[str, list[float]] = {}

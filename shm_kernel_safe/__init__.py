@@ -21,6 +21,7 @@ from .errors import (
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
+    PerformanceHint,
     ResumeFunctionChangedWarning,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
@@ -55,6 +56,12 @@ def share_cache_limit(max_bytes: int | None = None) -> int:
     -------
     int
         The cap in force.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``max_bytes`` is not an integer >= 0 (``InvalidArgumentTypeError``
+        for a wrong type).
     """
     return _share_cache.limit(max_bytes)
 
@@ -85,6 +92,7 @@ __all__ = [
     "ParallelInterrupt",
     "ParallelTimeoutError",
     "PartialResults",
+    "PerformanceHint",
     "ResumeFunctionChangedWarning",
     "SegmentNotFoundError",
     "SharedArray",

@@ -3,31 +3,25 @@ makes. It picks a transport by name and hands the run to the engine."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from .engine import sharing
+from .displays import make_progress
 from .engine.callsite import warn_at_caller
-from .engine.progress import make_progress
-from .engine.run import (
-    ProgressCallback,
-    Run,
-    check_options,
-    check_processes,
-    check_recovery,
-)
-from .engine.threads import check_threads
-from .engine.transport import Inputs, Transport
-from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning
-from .transports.local.transport import LocalTransport
+from .engine.options import check_run
+from .engine.pickling import DEFAULT_THRESHOLD
+from .engine.run import ProgressCallback, Run
+from .engine.transport import TransportOptions
+from .errors import FailedItems, ItemsFailedWarning
+from .transports import registry
 from .transports.local.transport import prestart as _prestart_local
-from .transports.serial import SerialTransport
 
 #: Names accepted by ``backend=`` / ``--backend``.
-BACKENDS = ("local", "dask", "serial")
+BACKENDS = tuple(registry.TRANSPORTS)
 
 _last = threading.local()  # the failed items of this thread's last call
 
@@ -70,63 +64,6 @@ def last_errors() -> FailedItems:
     return getattr(_last, "errors", None) or FailedItems([])
 
 
-def make_transport(
-    backend: str,
-    *,
-    processes: int | None,
-    start_method: str | None,
-    client: Any,
-    threads_per_worker: int | None = None,
-) -> Transport:
-    """The transport for ``backend``; rejects options that do not apply to it."""
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(
-            "backend",
-            f"must be one of {', '.join(BACKENDS)}",
-            message=f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}",
-        )
-    check_processes(processes)
-    check_threads(threads_per_worker)
-    if backend != "dask" and client is not None:
-        raise InvalidArgumentError(
-            "client",
-            "is for backend='dask'",
-            message=f"client= is for backend='dask'; the {backend} backend has no client",
-        )
-    if backend == "local":
-        return LocalTransport(processes, start_method, threads_per_worker)
-    if backend == "serial":
-        # -n, --start-method and --threads are accepted and ignored, so that
-        # a cell is switched to serial for debugging by adding one option;
-        # items run in this process, whose BLAS threads are the user's.
-        return SerialTransport()
-    if start_method is not None:
-        raise InvalidArgumentError(
-            "start_method",
-            "is for the local backend; dask workers are started by the cluster",
-            message="start_method= is for the local backend; "
-            "dask workers are started by the cluster",
-        )
-    if client is not None and processes is not None:
-        raise InvalidArgumentError(
-            "processes",
-            "sizes the local dask cluster; a given client's cluster has its own workers",
-            message="processes= sizes the local dask cluster; "
-            "a given client's cluster has its own workers",
-        )
-    if client is not None and threads_per_worker is not None:
-        raise InvalidArgumentError(
-            "threads_per_worker",
-            "bounds the workers of the local dask cluster; a given client's cluster "
-            "keeps its own settings",
-            message="threads_per_worker= bounds the workers of the local dask cluster; "
-            "a given client's cluster keeps its own settings",
-        )
-    from .transports.dask.transport import DaskTransport
-
-    return DaskTransport(client, processes, threads_per_worker)
-
-
 def parallel_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
@@ -135,9 +72,9 @@ def parallel_map(
     start_method: str | None = None,
     chunksize: int | None = None,
     timeout: float | None = None,
-    share_threshold: int = sharing.DEFAULT_THRESHOLD,
+    share_threshold: int = DEFAULT_THRESHOLD,
     share: Iterable[Any] = (),
-    out: Iterable[np.ndarray] = (),
+    out: np.ndarray | Iterable[np.ndarray] = (),
     progress: ProgressCallback | str | None = None,
     backend: str = "local",
     client: Any = None,
@@ -146,6 +83,7 @@ def parallel_map(
     item_timeout: float | None = None,
     resume: Any = None,
     threads_per_worker: int | None = None,
+    **unknown: Any,
 ) -> np.ndarray | np.ma.MaskedArray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
@@ -181,12 +119,15 @@ def parallel_map(
         Arrays at least this many bytes are shared rather than pickled.
     share : iterable of ndarray
         Arrays to share whatever their size.
-    out : iterable of ndarray
+    out : ndarray or iterable of ndarray
         Arrays ``fn`` writes into (``y[i] = ...``): the caller's own array
         objects hold the writes (in place when they already live in shared
         memory, else copied back when the call ends). On error too: the
         writes of the items that completed have landed, and those a failing
-        item made before it failed may have.
+        item made before it failed may have. A function that writes into an
+        array it captures (a global or closure variable) that is not listed
+        here is refused before the run starts, on every backend: in workers
+        the writes would be lost.
     progress : {"auto", "widget", "text", "none"} or callable, optional
         A widget bar in Jupyter and a text bar elsewhere (``"auto"``), or
         ``progress(done, total)`` called from this thread at most ten times
@@ -231,6 +172,9 @@ def parallel_map(
         workers x threads <= CPUs. Applies to workers we start (the local
         pool, our dask ``LocalCluster``); this process's own BLAS is never
         changed, so ``backend="serial"`` ignores it.
+    **unknown
+        Not accepted: names other libraries use (``n_jobs``, ``verbose``...)
+        raise an :class:`InvalidArgumentTypeError` saying which of ours to use.
 
     Returns
     -------
@@ -291,17 +235,29 @@ def parallel_map(
     >>> sks.parallel_map(lambda i: float(x[i].sum()), range(4), backend="serial")
     array([ 3., 12., 21., 30.])
     """
-    outputs, seq = check_options(fn, chunksize, timeout, out, items)
-    check_recovery(errors, retries, item_timeout)
-    transport = make_transport(
-        backend,
-        processes=processes,
-        start_method=start_method,
-        client=client,
-        threads_per_worker=threads_per_worker,
+    transport_type, transport_options = registry.checked(
+        backend, TransportOptions(processes, start_method, client, threads_per_worker)
     )
+    args = check_run(
+        fn,
+        items,
+        chunksize=chunksize,
+        timeout=timeout,
+        share_threshold=share_threshold,
+        share=share,
+        out=out,
+        progress=progress,
+        errors=errors,
+        retries=retries,
+        item_timeout=item_timeout,
+        unknown=unknown,
+        known=_PARAMETERS,
+        transport=transport_type,
+        transport_options=transport_options,
+    )
+    seq = args.items
+    transport = transport_type.from_options(transport_options)
     _last.errors = None
-    inputs = Inputs(share_threshold, tuple(share), outputs)
     # A display made here (progress given as a mode) is ours to close, also
     # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
@@ -311,13 +267,13 @@ def parallel_map(
             fn,
             seq,
             transport,
-            chunksize=chunksize,
-            timeout=timeout,
-            inputs=inputs,
+            chunksize=args.chunksize,
+            timeout=args.timeout,
+            inputs=args.inputs,
             progress=callback,
-            errors=errors,
-            retries=retries,
-            item_timeout=item_timeout,
+            errors=args.errors,
+            retries=args.retries,
+            item_timeout=args.item_timeout,
             resume=resume,  # checked, and merged once, by the run
         )
         result = run.execute()
@@ -333,6 +289,10 @@ def parallel_map(
         _last.errors = run.failed_items
         warn_at_caller(ItemsFailedWarning(run.failed_items.summary(), run.failed_items))
     return result
+
+
+#: parallel_map's own keyword arguments, for the "did you mean" of a typo.
+_PARAMETERS = tuple(inspect.signature(parallel_map).parameters)[2:-1]
 
 
 def prestart(
@@ -369,6 +329,4 @@ def prestart(
     >>> len(pids)  # doctest: +SKIP
     2
     """
-    check_processes(processes)
-    check_threads(threads_per_worker)
     return _prestart_local(processes, start_method, threads_per_worker)

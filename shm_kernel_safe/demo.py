@@ -12,17 +12,44 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 
 import numpy as np
 
 N_HOURS = 8760
 
 
+#: Percentiles of one hour's analysis: enough work per item (about half a
+#: millisecond) that two workers beat the loop, the first call included.
+PERCENTILES = np.arange(5, 100, 5)
+
+
 def hourly_calc(x: np.ndarray, nn: int, rows_per_hour: int) -> float:
-    """A stand-in for one hour's analysis: a reduction over that hour's rows."""
+    """A stand-in for one hour's analysis: the percentile profile of that hour's rows."""
     start = (nn * (x.shape[0] - rows_per_hour)) // (N_HOURS - 1)
     block = x[start : start + rows_per_hour]
-    return float(np.sqrt(np.abs(block)).sum())
+    return float(np.percentile(block, PERCENTILES, axis=0).sum())
+
+
+def why_slower(serial: float, hint: str | None) -> str:
+    """Why a run was not faster than the loop, in the words of its causes:
+    load first (it spoils every other number), then what the run said."""
+    from ._platform import usable_cpus
+
+    cpus = usable_cpus()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cpus - 0.5:
+        return (
+            f"the machine is busy (load average {load:.1f} on {cpus} CPUs): the workers "
+            f"shared the cores with other programs; run it again when it is idle"
+        )
+    if hint is not None:
+        return "the run was too short to repay starting workers and copying x: " + hint
+    per_item = serial / N_HOURS
+    return (
+        f"items of {per_item * 1e6:.0f} us each leave little for {cpus} workers to share; "
+        f"try more --rows"
+    )
 
 
 def _safety_check() -> str:
@@ -58,7 +85,7 @@ def _workload(args: argparse.Namespace) -> bool:
 
     rng = np.random.default_rng(2026)
     x = rng.standard_normal((args.rows, 16))
-    rows_per_hour = max(1, args.rows // 100)
+    rows_per_hour = max(1, args.rows // 2000)
     print(f"2. x = {x.shape} float64 ({x.nbytes / 2**20:.0f} MiB); {N_HOURS} hourly tasks")
 
     # Workers start in glibc's steady malloc state (see _malloc.py); put this
@@ -72,14 +99,20 @@ def _workload(args: argparse.Namespace) -> bool:
 
     def run(data: np.ndarray, label: str) -> np.ndarray:
         t0 = time.perf_counter()
-        result = sks.parallel_map(
-            lambda nn: hourly_calc(data, nn, rows_per_hour),
-            range(N_HOURS),
-            processes=args.processes,
-            start_method=args.start_method,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", sks.PerformanceHint)
+            result = sks.parallel_map(
+                lambda nn: hourly_calc(data, nn, rows_per_hour),
+                range(N_HOURS),
+                processes=args.processes,
+                start_method=args.start_method,
+            )
         took = time.perf_counter() - t0
-        print(f"   parallel_map ({label}): {took:6.2f} s  speed-up {serial / took:4.2f}x")
+        line = f"   parallel_map ({label}): {took:6.2f} s  speed-up {serial / took:4.2f}x"
+        if took >= serial:
+            hints = [str(w.message) for w in caught if w.category is sks.PerformanceHint]
+            line += f"\n     slower than the loop: {why_slower(serial, (hints or [None])[0])}"
+        print(line)
         return result
 
     y = run(x, "cold, x copied to shared memory")

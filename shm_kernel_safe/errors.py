@@ -297,6 +297,19 @@ class ItemsFailedWarning(UserWarning):
         self.errors = errors
 
 
+class PerformanceHint(UserWarning):
+    """A run would have finished sooner in this process than its workers
+    took to start and receive their inputs.
+
+    Issued at most once per run, in one line with the numbers and what to
+    do (bigger items, sharing big inputs once, starting the pool early).
+    The run itself is never switched to this process: an item that crashes
+    must not take the kernel down. Filter it like any warning::
+
+        warnings.filterwarnings("ignore", category=shm_kernel_safe.PerformanceHint)
+    """
+
+
 class ResumeFunctionChangedWarning(UserWarning):
     """``resume=`` merges a run whose function's code differs from this call's.
 

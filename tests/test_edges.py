@@ -104,7 +104,9 @@ def test_first_item_timed_out():
 def test_first_item_worker_dies_without_recovery_names_it(tmp_path):
     rows = np.zeros(50)
     with pytest.raises(sks.WorkerDiedError) as info:
-        sks.parallel_map(recorder(tmp_path / "ran", rows, die_at=0), range(50), processes=2)
+        sks.parallel_map(
+            recorder(tmp_path / "ran", rows, die_at=0), range(50), processes=2, out=[rows]
+        )
     assert info.value.index == 0 and not info.value.done.any()
 
 
@@ -191,11 +193,14 @@ def two_runs_at_once(log) -> dict[str, object]:
             outcome["healthy"] = exc
 
     def dying():
-        fn = recorder(log, np.zeros(300), die_at=120)
+        rows = np.zeros(300)
+        fn = recorder(log, rows, die_at=120)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", sks.ItemsFailedWarning)
-                outcome["dying"] = sks.parallel_map(fn, range(300), processes=2, errors="continue")
+                outcome["dying"] = sks.parallel_map(
+                    fn, range(300), processes=2, errors="continue", out=[rows]
+                )
         except BaseException as exc:
             outcome["dying"] = exc
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import shm_kernel_safe as sks
-from shm_kernel_safe.engine.progress import TextProgress, frontend_renders_widgets, make_progress
+from shm_kernel_safe.displays import TextProgress, frontend_renders_widgets, make_progress
 
 from .kernels import evaluate, execute, kernel
 
@@ -43,8 +43,8 @@ def test_quick_run_prints_nothing_and_bad_mode_refused():
     bar(5, 5)
     bar.close()
     assert out.getvalue() == ""
-    with pytest.raises(ValueError, match="progress must be one of"):
-        make_progress("fancy")
+    with pytest.raises(sks.InvalidArgumentError, match="progress must be one of"):
+        sks.parallel_map(abs, range(3), progress="fancy")
     assert make_progress("none") is None
 
 
@@ -71,7 +71,7 @@ def test_parallel_map_text_progress_reaches_total(capsys):
 def test_auto_picks_widget_in_jupyter_and_text_in_spyder(kind, expected):
     env = {"JPY_SESSION_NAME": "weather.ipynb"}  # as jupyter_server sets it
     with kernel(kind, env=env) as (_km, client):
-        execute(client, "from shm_kernel_safe.engine.progress import make_progress")
+        execute(client, "from shm_kernel_safe.displays import make_progress")
         assert evaluate(client, "type(make_progress('auto')).__name__") == repr(expected)
 
 

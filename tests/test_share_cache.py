@@ -14,10 +14,10 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import shm_kernel_safe as sks
 from shm_kernel_safe import lifecycle
-from shm_kernel_safe.engine import sharing
 from shm_kernel_safe.memory import digest, segments
 from shm_kernel_safe.memory.share_cache import ShareCache
 from shm_kernel_safe.memory.share_cache import cache as share_cache
+from shm_kernel_safe.transports.local import sharing
 
 from .helpers import SHM_DIR
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -48,7 +48,6 @@ import numpy as np
 
 from ..errors import (
     FailedItems,
-    InvalidArgumentError,
     InvalidArgumentTypeError,
     ParallelInterrupt,
     ParallelTimeoutError,
@@ -57,10 +56,10 @@ from ..errors import (
     TaskError,
     WorkerDiedError,
 )
-from . import tracebacks, worker_warnings
+from . import captured, hints, tracebacks, worker_warnings
 from .planning import Chunk, Plan
-from .progress import ThrottledReport
 from .protocol import ChunkResult, Payload, RemoteError, Subset
+from .reporting import ThrottledReport
 from .results import assemble, gather, item_values
 from .resume import (
     OutputRecord,
@@ -74,9 +73,6 @@ from .transport import Inputs, Transport, WorkerLost
 
 ProgressCallback = Callable[[int, int], None]
 
-#: What a failed item does to the run: stop it, or be recorded while it goes on.
-ERROR_MODES = ("raise", "continue")
-
 #: How long running chunks get to notice a cancel before their workers are stopped.
 CANCEL_GRACE = 0.5
 #: Pools lost with no item to blame (workers that die idle, or as they
@@ -84,72 +80,6 @@ CANCEL_GRACE = 0.5
 MAX_BLAMELESS_LOSSES = 3
 #: How often the wait loop wakes for progress and the deadline, in seconds.
 POLL_INTERVAL = 0.05
-
-
-# -- validation -------------------------------------------------------------------
-def check_options(
-    fn: Any, chunksize: Any, timeout: Any, out: Iterable[Any], items: Any
-) -> tuple[tuple[np.ndarray, ...], Any]:
-    """The run's output arrays and items as a sequence; raises before any work."""
-    if not callable(fn):
-        raise InvalidArgumentTypeError("fn", f"must be callable, got {type(fn).__name__}")
-    if chunksize is not None and (
-        isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
-    ):
-        raise InvalidArgumentError("chunksize", f"must be an integer >= 1, got {chunksize!r}")
-    if timeout is not None and not (
-        isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
-    ):
-        raise InvalidArgumentError(
-            "timeout", f"must be a positive number of seconds, got {timeout!r}"
-        )
-    outputs = tuple(out)
-    for i, arr in enumerate(outputs):
-        if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
-            raise InvalidArgumentTypeError(
-                "out", f"is a {type(arr).__name__}, not a numeric ndarray", index=i
-            )
-        if not arr.flags.writeable:
-            raise InvalidArgumentError("out", "is read-only", index=i)
-    return outputs, as_sequence(items)
-
-
-def check_recovery(errors: Any, retries: Any, item_timeout: Any) -> None:
-    """``errors``, ``retries`` and ``item_timeout`` are valid."""
-    if errors not in ERROR_MODES:
-        raise InvalidArgumentError(
-            "errors", f"must be one of {', '.join(map(repr, ERROR_MODES))}, got {errors!r}"
-        )
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidArgumentError("retries", f"must be an integer >= 0, got {retries!r}")
-    if item_timeout is not None and not (
-        isinstance(item_timeout, (int, float))
-        and not isinstance(item_timeout, bool)
-        and item_timeout > 0
-    ):
-        raise InvalidArgumentError(
-            "item_timeout", f"must be a positive number of seconds, got {item_timeout!r}"
-        )
-
-
-def check_processes(processes: Any) -> None:
-    """``processes`` is None or a positive integer."""
-    if processes is not None and (
-        isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
-    ):
-        raise InvalidArgumentError("processes", f"must be an integer >= 1, got {processes!r}")
-
-
-def as_sequence(items: Any) -> Any:
-    """``items`` as something with ``len()`` and ``[]`` (lists only what must be listed)."""
-    if isinstance(items, (range, list, tuple, np.ndarray)):
-        return items
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise InvalidArgumentTypeError(
-            "items",
-            f"is a {type(items).__name__}, not an iterable of work items (a range, list, array...)",
-        )
-    return list(items)
 
 
 # -- the run ----------------------------------------------------------------------
@@ -245,15 +175,10 @@ class Run:
     # -- the happy path ------------------------------------------------------------
     def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
         """Run every item; the results in item order (masked where items failed)."""
+        started = time.monotonic()
         if self.timeout is not None:
-            self.deadline = time.monotonic() + self.timeout
+            self.deadline = started + self.timeout
         transport = self.transport
-        if self.item_timeout is not None and not transport.stops_single_items:
-            raise InvalidArgumentError(
-                "item_timeout",
-                f"is not supported by backend={transport.name!r}: it cannot stop one item "
-                f"from outside (timeout= stops the whole run)",
-            )
         if self.n_items == 0:  # nothing (left) to run: no process starts
             return self._outcome()[1]
         try:
@@ -280,6 +205,9 @@ class Run:
                 # Item 0 may have come back in chunk 0, or (its worker died
                 # or was stopped) in a chunk run again, or failed.
                 value, seconds = self._probe()
+                if seconds > 0:
+                    fixed = time.monotonic() - started - seconds
+                    hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
                 if self.done[0] and 0 not in self.failures:
                     self.first = value
                     self.stacked = transport.stack_results(value, self.n_items)
@@ -383,9 +311,13 @@ class Run:
         self.done[chunk.start : chunk.start + res.done] = True
         for index, err in res.failed.items():
             self.done[index] = False
-            self.failures[index] = task_error(err, self.fn, self._original(index))
+            self.failures[index] = task_error(
+                err, self.fn, self._original(index), self.inputs.outputs
+            )
         if res.error is not None:
-            raise task_error(res.error, self.fn, self._original(res.error.index))
+            raise task_error(
+                res.error, self.fn, self._original(res.error.index), self.inputs.outputs
+            )
         if res.done == chunk.size:
             self.pending.discard(res.chunk)
         # else: stopped early (its deadline passed); the loop raises the timeout
@@ -531,11 +463,14 @@ def _cause(exc: BaseException) -> BaseException | None:
     return exc.__cause__
 
 
-def task_error(err: RemoteError, fn: Any, index: int | None = None) -> TaskError:
+def task_error(
+    err: RemoteError, fn: Any, index: int | None = None, outputs: tuple[np.ndarray, ...] = ()
+) -> TaskError:
     """The error a user sees for a failed item, with their own source lines.
 
     ``index`` is the item's index in the caller's items (a resumed run
-    numbers a subset).
+    numbers a subset). A write refused because a captured array is
+    read-only in the run says which ``out=`` would make it land.
     """
     text = (
         tracebacks.render(err.frames, err.exc_lines, tracebacks.code_files(fn))
@@ -543,9 +478,10 @@ def task_error(err: RemoteError, fn: Any, index: int | None = None) -> TaskError
         else ""
     )
     index = err.index if index is None else index
-    error = TaskError(
-        index, err.item_repr, err.exc_type, err.message, text, remote=not err.in_process
-    )
+    message = err.message
+    if err.exc_type == "ValueError":
+        message += captured.read_only_hint(message, fn, outputs)
+    error = TaskError(index, err.item_repr, err.exc_type, message, text, remote=not err.in_process)
     error.__cause__ = err.original
     error.__suppress_context__ = True
     if err.traceback is not None:

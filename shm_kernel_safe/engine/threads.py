@@ -24,10 +24,8 @@ and the serial transport, which runs items in it, bounds nothing.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .._platform import usable_cpus
-from ..errors import InvalidArgumentError
 
 #: Variables that BLAS and OpenMP runtimes read once, when they load.
 THREAD_ENV_VARS = (
@@ -38,18 +36,6 @@ THREAD_ENV_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-
-
-def check_threads(threads_per_worker: Any) -> None:
-    """``threads_per_worker`` is None or a positive integer."""
-    if threads_per_worker is not None and (
-        isinstance(threads_per_worker, bool)
-        or not isinstance(threads_per_worker, int)
-        or threads_per_worker < 1
-    ):
-        raise InvalidArgumentError(
-            "threads_per_worker", f"must be an integer >= 1, got {threads_per_worker!r}"
-        )
 
 
 def threads_for(workers: int, threads_per_worker: int | None = None) -> int:

@@ -16,18 +16,24 @@ once. The call sequence of one run is::
 
 Three implementations: ``local`` (a warm loky pool over shared memory),
 ``dask`` (a dask.distributed cluster) and ``serial`` (the calling process,
-for debugging). A new one is a subclass of :class:`Transport`.
+for debugging). A new one is a subclass of :class:`Transport` and one line
+in :mod:`shm_kernel_safe.transports.registry`. Each checks its own options
+(:meth:`Transport.check_options`) before any process starts, and is built
+from them (:meth:`Transport.from_options`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import _checks
+from .._platform import available_start_methods
+from ..errors import InvalidArgumentError
 from .planning import Chunk
 from .protocol import ChunkResult, Payload
 
@@ -39,6 +45,17 @@ class Inputs:
     threshold: int  # arrays at least this big are shared, not pickled
     force: tuple[Any, ...] = ()  # arrays shared whatever their size
     outputs: tuple[np.ndarray, ...] = ()  # arrays the function writes into
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Where and how to run, as given to ``parallel_map``; each transport
+    checks the ones it uses and refuses those that do not apply to it."""
+
+    processes: int | None = None
+    start_method: str | None = None
+    client: Any = None
+    threads_per_worker: int | None = None
 
 
 class WorkerLost(Exception):
@@ -106,9 +123,47 @@ class Transport(ABC):
     stopped_text: ClassVar[str] = "its workers were stopped"
     #: Whether :meth:`stop_overdue` can stop one item (``item_timeout=``).
     stops_single_items: ClassVar[bool] = False
+    #: Whether items write the caller's writable shared arrays in place
+    #: (workers on this machine, or this process), so such writes land
+    #: without ``out=``.
+    writes_shared_in_place: ClassVar[bool] = False
 
     #: Workers that run chunks at the same time (known after :meth:`start`).
     workers: int = 1
+
+    @classmethod
+    def check_options(cls, options: TransportOptions) -> TransportOptions:
+        """The options, checked and normalised; raises before any process starts.
+
+        The base checks what every transport takes (worker and thread
+        counts, the start method, so that switching backends never hides a
+        mistake) and refuses ``client``; a transport that takes more, or
+        less, extends it.
+        """
+        if options.client is not None:
+            raise InvalidArgumentError(
+                "client",
+                "is for backend='dask'",
+                message=f"client= is for backend='dask'; the {cls.name} backend has no client",
+            )
+        if options.start_method is not None:
+            _checks.choice("start_method", options.start_method, available_start_methods())
+        return replace(
+            options,
+            processes=_checks.count("processes", options.processes),
+            threads_per_worker=_checks.count("threads_per_worker", options.threads_per_worker),
+        )
+
+    @classmethod
+    def stops_items_with(cls, options: TransportOptions) -> bool:
+        """Whether a transport built from ``options`` can stop one item
+        (``item_timeout=``), known before it is built."""
+        return cls.stops_single_items
+
+    @classmethod
+    @abstractmethod
+    def from_options(cls, options: TransportOptions) -> Transport:
+        """A transport for one run, from options :meth:`check_options` returned."""
 
     @abstractmethod
     def encode(

@@ -19,6 +19,7 @@ import symtable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.worker_warnings import CELL_FILE_PREFIX
 from ..errors import CellSyntaxError
 
 FUNC_NAME = "__shm_parallel_cell__"
@@ -87,7 +88,7 @@ def compile_cell(target: str, cell: str, want_result: bool) -> CellFunction:
 
     With ``want_result``, a final expression statement becomes ``return``.
     """
-    filename = f"<shm_parallel cell {next(_counter)}>"
+    filename = f"{CELL_FILE_PREFIX}{next(_counter)}>"
     try:
         body = ast.parse(cell, filename).body
     except SyntaxError as exc:

@@ -15,8 +15,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..api import BACKENDS, last_errors, parallel_map
-from ..engine.progress import PROGRESS_MODES
-from ..engine.run import as_sequence
+from ..engine.captured import captured_writes
+from ..engine.options import as_sequence
+from ..engine.reporting import PROGRESS_MODES
 from ..errors import (
     CellSyntaxError,
     DaskBackendError,
@@ -241,6 +242,7 @@ class ShmMagics(Magics):
             fn = cells.resolve(cell_fn, ns)
         except CellSyntaxError as exc:
             raise UsageError(str(exc)) from None
+        outs += self._written_outputs(fn, args)
 
         try:
             items = as_sequence(items)  # a generator is listed once, here
@@ -313,6 +315,23 @@ class ShmMagics(Magics):
                 "--resume"
             )
         return state
+
+    def _written_outputs(self, fn: Any, args: Any) -> list[np.ndarray]:
+        """Namespace arrays the cell writes into (``y[nn] = ...``) without
+        ``--out``: the user's outputs, made ``--out`` and said so in one line."""
+        ns = self.shell.user_ns
+        given = {id(ns[name]) for name in args.out}
+        names = [
+            w.name
+            for w in captured_writes(fn)
+            if id(w.array) not in given and ns.get(w.name) is w.array
+        ]
+        if not names:
+            return []
+        flags = " ".join(f"--out {n}" for n in names)
+        print(f"{', '.join(names)}: written by the cell, so treated as {flags}")
+        args.out = [*args.out, *names]  # so that errors about them name them
+        return [ns[n] for n in names]
 
     def _lookup(self, option: str, name: str) -> Any:
         """The value of ``name`` for ``option``; what it must be is the engine's to check."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _platform, lifecycle
+from .. import _checks, _platform, lifecycle
 from ..errors import SharedMemoryCapacityError
 from . import capacity
 from .arrays import SharedArray, label, share
@@ -116,8 +116,7 @@ class ShareCache:
             The cap in force.
         """
         if max_bytes is not None:
-            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-                raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+            max_bytes = _checks.count("max_bytes", max_bytes, minimum=0, optional=False)
             with self._lock:
                 self._max_bytes = max_bytes
                 self._evict(0)

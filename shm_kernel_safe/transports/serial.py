@@ -7,8 +7,10 @@ objects, so ``breakpoint()`` stops in it, ``%debug`` after a failure lands
 in the frame where the item failed, and print output appears in order. It
 is what joblib's ``n_jobs=1`` and dask's synchronous scheduler are to them.
 
-Differences, by nature: the function may modify the arrays it reads
-(workers get read-only views); ``out=`` arrays are written directly, so
+The arrays the function captures are read-only for the run, as in
+workers, except ``out=`` arrays and writable shared arrays (which workers
+write in place too), so a write lands or fails the same way on every
+backend. Differences, by nature: ``out=`` arrays are written directly, so
 they also hold the writes of a run that failed; a ``timeout`` stops the
 run between items (an item running is not interrupted); Ctrl-C raises
 ``KeyboardInterrupt`` from inside the item. What it keeps the same on
@@ -24,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from ..engine import captured
 from ..engine.chunk_loop import run_items
 from ..engine.planning import Chunk
 from ..engine.protocol import ChunkResult, Payload
-from ..engine.transport import Heartbeat, Inputs, Transport
+from ..engine.transport import Heartbeat, Inputs, Transport, TransportOptions
 
 
 class SerialTransport(Transport):
@@ -36,6 +39,15 @@ class SerialTransport(Transport):
     name = "serial"
     min_chunk_seconds = 0.0  # no message to amortise
     stopped_text = "it stopped between items"
+    writes_shared_in_place = True  # the caller's own arrays
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> SerialTransport:
+        # -n, --start-method and --threads are accepted (checked by the
+        # base) and ignored, so that a cell is switched to serial for
+        # debugging by adding one option; items run in this process, whose
+        # BLAS threads are the user's.
+        return cls()
 
     def __init__(self) -> None:
         self.workers = 1
@@ -46,6 +58,7 @@ class SerialTransport(Transport):
         self.heartbeat_error: BaseException | None = None
         self.interrupted: ChunkResult | None = None
         self.keep_going = False
+        self.frozen: list[np.ndarray] = []
 
     def encode(
         self,
@@ -57,6 +70,16 @@ class SerialTransport(Transport):
     ) -> None:
         self.fn, self.items = payload.fn, payload.items
         self.keep_going = keep_going
+        # The arrays the function captures are read-only for the run, as in
+        # workers (where a write would change a copy), except outputs and
+        # writable shared arrays, which workers write in place too.
+        outputs = inputs.outputs
+        self.frozen = captured.freeze(
+            payload.fn,
+            lambda arr: (
+                any(arr is o or arr.base is o for o in outputs) or captured.keep_in_worker(arr)
+            ),
+        )
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         self.heartbeat = heartbeat
@@ -116,6 +139,7 @@ class SerialTransport(Transport):
         return []
 
     def release(self) -> None:
+        captured.thaw(self.frozen)
         self.queue.clear()
         self.fn = self.items = None
 

@@ -27,15 +27,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from ...engine.pickling import ArrayPickler
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
-from ...engine.sharing import ArrayPickler
-from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
-from ...errors import DaskBackendError
+from ...engine.transport import Heartbeat, Inputs, Transport, TransportOptions, WorkerLost
+from ...errors import DaskBackendError, InvalidArgumentError
 from . import cluster
 from .kept import content_name, kept_arrays
 
@@ -102,6 +103,41 @@ class DaskTransport(Transport):
     #: Times a chunk lost before it ran an item is submitted again here,
     #: before the engine hears of it as a death it cannot place.
     RESUBMITS = 3
+
+    @classmethod
+    def check_options(cls, options: TransportOptions) -> TransportOptions:
+        if options.start_method is not None:
+            raise InvalidArgumentError(
+                "start_method",
+                "is for the local backend; dask workers are started by the cluster",
+                message="start_method= is for the local backend; "
+                "dask workers are started by the cluster",
+            )
+        checked = super().check_options(replace(options, client=None))
+        if options.client is not None and checked.processes is not None:
+            raise InvalidArgumentError(
+                "processes",
+                "sizes the local dask cluster; a given client's cluster has its own workers",
+                message="processes= sizes the local dask cluster; "
+                "a given client's cluster has its own workers",
+            )
+        if options.client is not None and checked.threads_per_worker is not None:
+            raise InvalidArgumentError(
+                "threads_per_worker",
+                "bounds the workers of the local dask cluster; a given client's cluster "
+                "keeps its own settings",
+                message="threads_per_worker= bounds the workers of the local dask cluster; "
+                "a given client's cluster keeps its own settings",
+            )
+        return replace(checked, client=options.client)
+
+    @classmethod
+    def stops_items_with(cls, options: TransportOptions) -> bool:
+        return options.client is None  # our own cluster's workers can be stopped
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> DaskTransport:
+        return cls(options.client, options.processes, options.threads_per_worker)
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..._malloc import tune_malloc
+from ...engine import captured
 from ...engine.chunk_loop import run_items
 from ...engine.protocol import ChunkResult, Payload, describe_error
 from ...engine.threads import limit_threads
@@ -321,7 +322,11 @@ def _load(
 def _unpickle(payload: bytes, arrays: dict, outs: dict) -> tuple[Payload, dict[str, np.ndarray]]:
     _loading.arrays, _loading.outs, _loading.private = arrays, outs, {}
     try:
-        return pickle.loads(payload), _loading.private
+        loaded, private = pickle.loads(payload), _loading.private
+        # Captured arrays a write would silently change here only: read-only.
+        kept = {id(a) for a in private.values()}
+        captured.freeze(loaded.fn, lambda arr: id(arr) in kept)
+        return loaded, private
     finally:
         _loading.arrays = _loading.outs = _loading.private = None
 

@@ -1,7 +1,7 @@
 """The local transport: this machine's warm loky pool over shared memory.
 
 The payload is pickled once (big arrays moved to shared memory on the way,
-see :mod:`~shm_kernel_safe.engine.sharing`) into a segment every worker
+see :mod:`~shm_kernel_safe.transports.local.sharing`) into a segment every worker
 unpickles once per call; a chunk's message is a few handles and an index
 range. Workers report progress and the chunk they run in a control block
 in shared memory, never by message, so a dead worker's item is known
@@ -25,16 +25,15 @@ import numpy as np
 import psutil
 
 from ... import _platform
-from ...engine import sharing
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
 from ...engine.threads import threads_for
-from ...engine.transport import Heartbeat, Inputs, Transport, WorkerLost
-from ...errors import InvalidArgumentError
+from ...engine.transport import Heartbeat, Inputs, Transport, TransportOptions, WorkerLost
 from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
+from . import sharing
 from .control import (
     DONE,
     ITEM_STARTED,
@@ -46,21 +45,6 @@ from .control import (
     ControlBlock,
 )
 from .worker import FAILED, MISFIT, VALUE, ChunkTask, read_log, run_chunk
-
-
-def check_start_method(start_method: str | None) -> str:
-    """The start method to use, or a one-line error naming the choices."""
-    start_method = start_method or _platform.default_start_method()
-    if start_method not in _platform.available_start_methods():
-        raise InvalidArgumentError(
-            "start_method",
-            f"{start_method!r} is not a start method here; choose from "
-            f"{', '.join(_platform.available_start_methods())}",
-            message=f"unknown start method {start_method!r}; choose from "
-            f"{', '.join(_platform.available_start_methods())}",
-        )
-    return start_method
-
 
 #: Seconds chunks may wait with no worker running any of them before the
 #: run ends as stalled: far above a cold start under load (a few seconds).
@@ -92,6 +76,11 @@ class LocalTransport(Transport):
     name = "local"
     min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
     stops_single_items = True  # one worker per item in flight: killing it stops the item
+    writes_shared_in_place = True
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> LocalTransport:
+        return cls(options.processes, options.start_method, options.threads_per_worker)
 
     def __init__(
         self,
@@ -109,10 +98,11 @@ class LocalTransport(Transport):
                 f"use; the extra workers only wait for a CPU. At most one worker per "
                 f"item is started.",
                 UserWarning,
-                stacklevel=4,  # LocalTransport <- make_transport <- parallel_map <- caller
+                stacklevel=4,  # LocalTransport <- from_options <- parallel_map <- caller
             )
         self.workers = processes or cpus
-        self.start_method = check_start_method(start_method)
+        # Options arrive checked (check_options, before any process starts).
+        self.start_method = start_method or _platform.default_start_method()
         self.threads = threads_for(self.workers, threads_per_worker)
         self.call_id = uuid.uuid4().hex
         self.owned: list[str] = []  # segment names this run created
@@ -489,7 +479,10 @@ def prestart(
     """Start a pool's workers now so the first call is warm; returns their pids."""
     from .worker import ping
 
-    transport = LocalTransport(processes, start_method, threads_per_worker)
+    options = LocalTransport.check_options(
+        TransportOptions(processes, start_method, None, threads_per_worker)
+    )
+    transport = LocalTransport.from_options(options)
     executor = pools.get_pool(transport.workers, transport.start_method, transport.threads)
     futures = [executor.submit(ping) for _ in range(transport.workers * 2)]
     for fut in futures:

@@ -22,12 +22,12 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ...engine import sharing
+from ...engine import captured
 from ...engine.chunk_loop import run_items
 from ...engine.protocol import ChunkResult, Payload, describe_error
 from ...memory import arrays
 from ...memory.arrays import SharedArray
-from . import control
+from . import control, sharing
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,8 @@ def _payload_for(task: ChunkTask) -> Payload:
         raw = task.payload.view()
         payload, names = sharing.loads(memoryview(raw))
         del raw
+        # Captured arrays a write would silently change here only: read-only.
+        captured.freeze(payload.fn, captured.keep_in_worker)
         names |= {task.payload.name, task.control.name}
         if task.results is not None:
             names.add(task.results.name)

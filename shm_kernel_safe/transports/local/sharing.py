@@ -1,11 +1,9 @@
-"""Pickle a call's payload once, moving big arrays to shared memory on the way.
+"""The local transport's payload: pickled once, big arrays moved to shared memory.
 
-``cloudpickle`` sends functions and classes defined in a notebook or a
-console's ``__main__`` by value, which is what makes them work under spawn.
-We extend its pickler with ``reducer_override`` (the same hook joblib's
-memmapping reducer uses) so that any ndarray above a size threshold, found
-anywhere in the payload (closures, globals the function uses, defaults,
-items), is replaced by a small :class:`~shm_kernel_safe.memory.arrays.SharedArray`:
+Built on the engine's :class:`~shm_kernel_safe.engine.pickling.ArrayPickler`:
+any ndarray above a size threshold, found anywhere in the payload (closures,
+globals the function uses, defaults, items), is replaced by a small
+:class:`~shm_kernel_safe.memory.arrays.SharedArray`:
 
 * an array that already lives in one of our segments travels as a handle
   with no copy (writable in workers if it is writable here);
@@ -26,14 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import numpy as np
 
-from ..memory.arrays import SharedArray, handle_of
-from ..memory.share_cache import Lease
-from ..memory.share_cache import cache as share_cache
-
-DEFAULT_THRESHOLD = 1 << 20  # 1 MiB
+from ...engine.pickling import DEFAULT_THRESHOLD, ArrayPickler
+from ...memory.arrays import SharedArray
+from ...memory.share_cache import Lease
+from ...memory.share_cache import cache as share_cache
 
 
 @dataclass
@@ -44,37 +40,6 @@ class SharingReport:
     copied_bytes: int = 0  # copied into shared memory by this call
     leases: list[Lease] = field(default_factory=list)  # copies from the share cache
     cached_bytes: int = 0  # ordinary arrays served by an unchanged cached copy
-
-
-class ArrayPickler(cloudpickle.Pickler):
-    """cloudpickle, with every numeric ndarray offered to :meth:`reduce_array`.
-
-    A :class:`SharedArray` handle found in the payload (closed over by the
-    function) is offered as the array it describes. Subclasses decide what
-    an array becomes on the wire; ``None`` pickles it inline as usual.
-    """
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
-            reduced = self.reduce_array(obj, handle_of(obj))
-            if reduced is not None:
-                return reduced
-        elif isinstance(obj, SharedArray):
-            reduced = self.reduce_array(None, obj)
-            if reduced is not None:
-                return reduced
-        return super().reducer_override(obj)
-
-    def reduce_array(self, arr: np.ndarray | None, handle: SharedArray | None) -> tuple | None:
-        """How ``arr`` travels: a reduce tuple, or None to pickle it inline.
-
-        ``arr`` is None for a bare handle (not attached here), ``handle`` is
-        None for an array outside our shared memory.
-        """
-        raise NotImplementedError
 
 
 class _SharingPickler(ArrayPickler):

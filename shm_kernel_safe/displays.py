@@ -1,8 +1,10 @@
-"""Progress of a run, read from the workers' shared counters by the parent.
+"""Progress displays for ``progress="auto"`` (``parallel_map``, the magic).
 
-The engine calls ``progress(done, total)`` from the parent's wait loop at
-most ten times a second; workers only bump an integer in shared memory, so a
-display costs no message per item.
+The engine reports ``(done, total)`` at most ten times a second (see
+:mod:`shm_kernel_safe.engine.reporting`); a display draws it. This module
+sits beside the API, above the engine, so the engine holds no front-end
+code while ``parallel_map(..., progress="auto")`` in a notebook still draws
+a bar without the extension loaded.
 
 Two displays, chosen by the frontend:
 
@@ -23,10 +25,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
-PROGRESS_MODES = ("auto", "widget", "text", "none")
 SHOW_AFTER = 0.5
 
 
@@ -177,9 +177,7 @@ def frontend_renders_widgets(shell: Any = None, environ: dict[str, str] | None =
 
 
 def make_progress(mode: str) -> _Progress | None:
-    """A progress display for ``mode`` (auto, widget, text or none)."""
-    if mode not in PROGRESS_MODES:
-        raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+    """A progress display for ``mode`` (one of ``PROGRESS_MODES``, checked by the run)."""
     if mode == "none":
         return None
     if mode == "widget" or (mode == "auto" and frontend_renders_widgets()):
@@ -188,34 +186,3 @@ def make_progress(mode: str) -> _Progress | None:
         except ImportError:  # ipywidgets missing: text, and no traceback
             return TextProgress()
     return TextProgress()
-
-
-class ThrottledReport:
-    """Calls ``callback(done, total)`` at most ten times a second.
-
-    The engine reports from its wait loop, which wakes far more often;
-    ``count`` (the transport's items done: shared counters, chunk reports)
-    is only called when a report is due, and a report never goes below the
-    last one (items a dead worker took along are run again). A None
-    callback makes every call a no-op.
-    """
-
-    EVERY = 0.1
-
-    def __init__(
-        self, callback: Callable[[int, int], None] | None, total: int, count: Callable[[], int]
-    ) -> None:
-        self.callback = callback
-        self.total = total
-        self.count = count
-        self.last = 0.0
-        self.reported = 0
-
-    def __call__(self, force: bool = False) -> None:
-        if self.callback is None:
-            return
-        now = time.monotonic()
-        if force or now - self.last >= self.EVERY:
-            self.last = now
-            self.reported = max(self.reported, min(self.count(), self.total))
-            self.callback(self.reported, self.total)
