@@ -13,10 +13,9 @@ import uuid
 import numpy as np
 import pytest
 
-from shm_kernel_safe.engine import sharing
 from shm_kernel_safe.engine.protocol import Payload
 from shm_kernel_safe.memory.arrays import empty, handle_of
-from shm_kernel_safe.transports.local import control
+from shm_kernel_safe.transports.local import control, sharing
 from shm_kernel_safe.transports.local.control import ControlBlock
 from shm_kernel_safe.transports.local.worker import MISFIT, ChunkTask, read_log, run_chunk
 
