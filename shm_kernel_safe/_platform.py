@@ -8,9 +8,14 @@ Linux; the branches that call OS APIs are kept as thin as possible.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 #: POSIX shared-memory names on macOS are limited to 31 bytes including the
 #: leading slash (PSHMNAMLEN); we keep every platform under it so a name made
@@ -143,3 +148,37 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def interrupt_deferred() -> Iterator[None]:
+    """Hold a SIGINT that arrives in the block, and deliver it when the block
+    ends, to the handler that was in place.
+
+    For what an interrupt would leave half done in this process: a pool
+    halfway started (a process started but recorded nowhere, its semaphores
+    unlinked under it), a package halfway imported (``distributed`` then
+    lacks attributes for the rest of the process), a cluster halfway up (its
+    processes owned by nobody). Each is short and bounded; the interrupt is
+    raised right after it. Only in the main thread (where Python runs signal
+    handlers) and when SIGINT has a Python handler; elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL: nothing raises here
+        yield
+        return
+    caught: list[Any] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    except ValueError:  # a subinterpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        previous(signal.SIGINT, caught[0])

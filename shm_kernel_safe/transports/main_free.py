@@ -106,39 +106,6 @@ def plain_start() -> Iterator[None]:
             sigmask(signal.SIG_SETMASK, previous)
 
 
-@contextlib.contextmanager
-def interrupt_deferred() -> Iterator[None]:
-    """Hold a SIGINT that arrives in the main thread until the block is done.
-
-    A ``KeyboardInterrupt`` raised halfway through starting a pool leaves a
-    process that is started but recorded nowhere (nobody kills or joins it,
-    and its semaphores are unlinked under it while it unpickles them: a
-    traceback on stderr, "leaked semaphore" at exit). Starting is short and
-    bounded, so the interrupt is raised right after it instead, by the
-    handler that was in place. Elsewhere than in the main thread (where
-    Python runs no signal handler) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):  # SIG_IGN, SIG_DFL: nothing raises here
-        yield
-        return
-    caught: list[Any] = []
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    except ValueError:  # a subinterpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        previous(signal.SIGINT, caught[0])
-
-
 class _MainFreeSpawnProcess(mp_context.SpawnProcess):
     def start(self) -> None:
         with plain_start(), _main_free_preparation():

@@ -20,15 +20,13 @@ import contextlib
 import importlib.util
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from ... import lifecycle
-from ..._platform import usable_cpus
+from ..._platform import interrupt_deferred, usable_cpus
 from ...engine.threads import THREAD_ENV_VARS, threads_for
 from ...errors import DaskBackendError, InvalidArgumentTypeError, human_bytes
 from ..main_free import make_context
@@ -69,7 +67,7 @@ def import_distributed() -> Any:
     a package leaves it half-imported for the rest of the process (later
     calls failed with "module 'distributed' has no attribute 'utils'").
     """
-    with interrupts_deferred():
+    with interrupt_deferred():
         try:
             import distributed
 
@@ -77,34 +75,6 @@ def import_distributed() -> Any:
         except ImportError as exc:
             raise DaskBackendError(_MISSING) from exc
     return distributed
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold a SIGINT that arrives in the block, and deliver it when the block
-    ends, to the handler that was there before.
-
-    For what an interrupt would leave half done in this process (an import,
-    a cluster starting: its processes would be left running with no owner);
-    the run then stops as for any interrupt, with its partial results.
-    Only in the main thread (where Python runs signal handlers), and only
-    when SIGINT has a Python handler (else there is nothing to defer).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):
-        yield
-        return
-    held: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            previous(signal.SIGINT, held[0])
 
 
 def get_client(
@@ -185,7 +155,7 @@ def _local_client(
         # Interrupts held while the cluster starts (seconds): an interrupt
         # inside would leave its scheduler and worker processes running,
         # owned by nobody; it is delivered once the cluster is ours.
-        with interrupts_deferred():
+        with interrupt_deferred():
             _start_and_connect(distributed, dask, wanted, threads_per_worker)
             lifecycle.hook_kernel_shutdown()
         return _local["client"]

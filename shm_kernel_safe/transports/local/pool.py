@@ -30,8 +30,9 @@ from typing import Any
 from loky import ProcessPoolExecutor
 
 from ... import lifecycle
+from ..._platform import interrupt_deferred
 from ...engine.threads import limit_threads
-from ..main_free import interrupt_deferred, make_context, plain_start
+from ..main_free import make_context, plain_start
 from . import mp_helpers, parent_watch
 
 #: Modules a forkserver imports once, so that every worker forks with them loaded.
