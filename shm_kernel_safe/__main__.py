@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stale(remove: bool) -> int:
-    from .errors import human_bytes
+    from ._text import human_bytes
     from .memory import janitor
 
     stale = janitor.cleanup_stale() if remove else janitor.find_stale()

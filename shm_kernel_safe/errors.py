@@ -1,10 +1,39 @@
-"""Exceptions raised by shm_kernel_safe.
+"""Exceptions and warnings raised by shm_kernel_safe.
 
 They live in one leaf module so every layer can raise them without importing
 the layers above it, and so users can catch them from the top-level package.
+Each error is also the builtin exception a user would catch for the same
+trouble (a full ``/dev/shm`` is a ``MemoryError``, a bad argument a
+``ValueError``), so code written without this package still works::
+
+    Exception
+    └── ShmKernelSafeError                 every error raised on purpose
+        ├── SharedMemoryCapacityError      (MemoryError) /dev/shm cannot hold it
+        ├── SegmentNotFoundError           (FileNotFoundError) no segment of that name
+        ├── DanglingArrayError             (ValueError) its shared memory was unmapped
+        │   └── DanglingAttributeError     (AttributeError)
+        ├── CellSyntaxError                (ValueError) a %%shm_parallel line
+        ├── InvalidArgumentError           (ValueError) checked before any process starts
+        │   └── InvalidArgumentTypeError   (TypeError)
+        ├── DaskBackendError               the dask backend cannot run
+        └── run failures, each with done/partial (PartialResults):
+            ├── TaskError                  an item raised
+            ├── WorkerDiedError            a worker died (segfault, OOM kill, os._exit)
+            └── ParallelTimeoutError       (TimeoutError) timeout= passed
+    KeyboardInterrupt
+    └── ParallelInterrupt                  Ctrl-C / kernel interrupt, with done/partial
+    UserWarning
+    ├── ItemsFailedWarning                 errors="continue": some items failed
+    ├── PerformanceHint                    parallel cannot pay for its fixed costs
+    └── ResumeFunctionChangedWarning       resume= with another function
+
+``PartialResults`` is a mix-in, not an exception: ``exc.done`` (one bool per
+item) and ``exc.partial`` (what completed), and ``resume=exc`` runs the rest.
 """
 
 from __future__ import annotations
+
+from ._text import human_bytes, shorten
 
 
 class ShmKernelSafeError(Exception):
@@ -42,8 +71,8 @@ class SharedMemoryCapacityError(ShmKernelSafeError, MemoryError):
         self.free = free
         self.where = where
         super().__init__(
-            f"cannot allocate {_human(needed)} of shared memory: {where} has only "
-            f"{_human(free)} free. Free space there (see %shm_status / "
+            f"cannot allocate {human_bytes(needed)} of shared memory: {where} has only "
+            f"{human_bytes(free)} free. Free space there (see %shm_status / "
             f"shm_kernel_safe.cleanup_stale()), share a smaller array, or give the "
             f"machine more shared memory (Docker: `docker run --shm-size=4g ...`; "
             f"Linux: `mount -o remount,size=8G /dev/shm`)."
@@ -123,18 +152,6 @@ class InvalidArgumentError(ShmKernelSafeError, ValueError):
 
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
     """An argument of the wrong type (also a ``TypeError``)."""
-
-
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-human_bytes = _human
 
 
 class PartialResults:
@@ -352,7 +369,7 @@ def _short_error(error: BaseException) -> str:
         if message is None:
             message = str(error).split(";")[0]
         text = f"{exc_type}({message!r})"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(text, 80)
 
 
 class DaskBackendError(ShmKernelSafeError):

@@ -17,6 +17,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+from .._text import item_repr
 from . import tracebacks
 
 
@@ -161,7 +162,7 @@ def describe_unsendable(exc: BaseException, index: int, items: Any, value: Any) 
     )
     return RemoteError(
         index,
-        _item_repr(items, index),
+        item_repr(items, index, 200),
         "TypeError",
         message,
         [],  # no frame of the user's code failed: the pickling did
@@ -184,7 +185,7 @@ def describe_error(
     in the user's code. ``loading`` means the payload itself failed to load.
     """
     frames, exc_lines = tracebacks.extract(exc, skip=0 if loading else 1)
-    item_repr = "<loading the function in the worker>" if loading else _item_repr(items, index)
+    shown = "<loading the function in the worker>" if loading else item_repr(items, index, 200)
     original: BaseException | None = exc
     if not keep_traceback:
         try:
@@ -193,7 +194,7 @@ def describe_error(
             original = None
     return RemoteError(
         index,
-        item_repr,
+        shown,
         type(exc).__qualname__,
         str(exc),
         frames,
@@ -202,14 +203,6 @@ def describe_error(
         exc.__traceback__ if keep_traceback else None,
         in_process=keep_traceback,
     )
-
-
-def _item_repr(items: Any, index: int) -> str:
-    try:
-        text = repr(items[index])
-    except Exception:
-        text = f"<item {index}>"
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class Subset:

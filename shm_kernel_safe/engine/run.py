@@ -46,6 +46,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+from .._text import item_repr
 from ..errors import (
     FailedItems,
     InvalidArgumentTypeError,
@@ -389,7 +390,7 @@ class Run:
         if index in self.timed_out:
             error = TaskError(
                 original,
-                short_repr(self.items, index),
+                item_repr(self.items, index),
                 "TimeoutError",
                 f"the item ran longer than item_timeout={self.item_timeout} s; "
                 f"its worker was stopped and replaced",
@@ -444,7 +445,7 @@ class Run:
     def _worker_died(self, lost: WorkerLost, index: int | None = None) -> WorkerDiedError:
         index = lost.index if index is None else index
         if index is not None:
-            what = f"item {self._original(index)} ({short_repr(self.items, index)})"
+            what = f"item {self._original(index)} ({item_repr(self.items, index)})"
         else:
             what = lost.span
         message = f"{lost.workers.get(index, lost.who)} died{lost.how}"
@@ -527,12 +528,3 @@ def _find_unpicklable_name(fn: Any) -> str | None:
         except Exception:
             return f"{label} of type {type(value).__name__}"
     return None
-
-
-def short_repr(items: Any, index: int) -> str:
-    """A repr of ``items[index]`` short enough for a one-line message."""
-    try:
-        text = repr(items[index])
-    except Exception:
-        return f"<item {index}>"
-    return text if len(text) <= 80 else text[:77] + "..."

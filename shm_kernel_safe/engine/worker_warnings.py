@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _text
 from . import tracebacks
 
 #: Files of code compiled by ``%%shm_parallel``; their module is ``__main__``
@@ -85,19 +86,14 @@ class Recorder:
             return
         self._seen.add(key)
         function, module = _locate(filename, lineno)
-        try:
-            item_repr = repr(self.items[self.index])
-        except Exception:
-            item_repr = f"<item {self.index}>"
-        if len(item_repr) > _MAX_REPR:
-            item_repr = item_repr[: _MAX_REPR - 3] + "..."
+        item_text = _text.item_repr(self.items, self.index, _MAX_REPR)
         try:
             pickle.dumps(category)
         except Exception:
             category = f"{category.__module__}.{category.__qualname__}"
         self.captured.append(
             CapturedWarning(
-                self.index, item_repr, category, text, filename, lineno, function, module
+                self.index, item_text, category, text, filename, lineno, function, module
             )
         )
 

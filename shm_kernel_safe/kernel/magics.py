@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .._text import human_bytes
 from ..api import BACKENDS, last_errors, parallel_map
 from ..engine.captured import captured_writes
 from ..engine.options import as_sequence
@@ -24,7 +25,6 @@ from ..errors import (
     InvalidArgumentError,
     ParallelInterrupt,
     _RemoteFailure,
-    human_bytes,
 )
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share

@@ -27,8 +27,9 @@ from typing import Any
 
 from ... import lifecycle
 from ..._platform import interrupt_deferred, usable_cpus
+from ..._text import human_bytes
 from ...engine.threads import THREAD_ENV_VARS, threads_for
-from ...errors import DaskBackendError, InvalidArgumentTypeError, human_bytes
+from ...errors import DaskBackendError, InvalidArgumentTypeError
 from ..main_free import make_context
 from .kept import kept_arrays
 

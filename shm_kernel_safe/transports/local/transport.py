@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 
 from ... import _platform
+from ..._text import shorten
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
@@ -468,7 +469,7 @@ class LocalTransport(Transport):
 
 def _spans(chunks: list[Chunk]) -> str:
     text = ", ".join(f"{c.start}-{c.stop - 1}" if c.size > 1 else str(c.start) for c in chunks)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(text, 60)
 
 
 def prestart(
