@@ -29,6 +29,31 @@ def hourly_calc(x, nn):
 """
 
 
+# Arrays over an mmap closed by a timer after the cell ended: no execute and
+# no IPython event lies between the close and a viewer's next read, so only
+# the guards in front of the viewers' own calls can catch it.
+DANGLING_LATER = """
+import mmap, threading
+import numpy as np
+_mm = mmap.mmap(-1, 8 * 2000 * 16)
+a = np.ndarray((2000, 16), np.float64, buffer=_mm)
+a[:] = 1.0
+rows = [a[:10], "label"]
+threading.Timer(0.3, _mm.close).start()
+del _mm
+"""
+
+
+def wait_dead(km, timeout: float = 15.0) -> bool:
+    """True once the kernel process ``km`` runs has died, False after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not km.is_alive():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @contextlib.contextmanager
 def kernel(kind: str = "ipykernel", env: dict[str, str] | None = None, stderr: Any = None):
     """A real kernel process (ipykernel or spyder-kernels) and a client.

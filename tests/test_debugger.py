@@ -11,26 +11,13 @@ import time
 
 import pytest
 
-from .kernels import execute, kernel
+from .kernels import DANGLING_LATER, execute, kernel, wait_dead
 
 pytest.importorskip("debugpy")
 
 pytestmark = pytest.mark.timeout(180)
 
 TEXT = "its shared memory was closed"
-
-# Arrays over an mmap closed by a timer after the cell ended: no execute, no
-# IPython event, is between the close and the debugger's next read.
-DANGLING_LATER = """
-import mmap, threading
-import numpy as np
-_mm = mmap.mmap(-1, 8 * 2000 * 16)
-a = np.ndarray((2000, 16), np.float64, buffer=_mm)
-a[:] = 1.0
-rows = [a[:10], "label"]
-threading.Timer(0.3, _mm.close).start()
-del _mm
-"""
 
 
 class DebugSession:
@@ -80,15 +67,6 @@ class DebugSession:
         reply = self.request("inspectVariables")
         assert reply.get("success"), reply
         return {v["name"]: v for v in reply["body"]["variables"]}
-
-
-def _wait_dead(km, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not km.is_alive():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_variables_panel_with_extension():
@@ -145,4 +123,4 @@ def test_variables_panel_without_extension_kills_the_kernel():
             "debug_request", {"type": "request", "seq": 99, "command": "inspectVariables"}
         )
         client.control_channel.send(msg)
-        assert _wait_dead(km), "the unguarded kernel should have died"
+        assert wait_dead(km), "the unguarded kernel should have died"

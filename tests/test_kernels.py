@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .helpers import shm_entries
-from .kernels import WEATHER_DEFS, SpyderFrontend, evaluate, execute, kernel
+from .kernels import WEATHER_DEFS, SpyderFrontend, evaluate, execute, kernel, wait_dead
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,7 +30,7 @@ shm.unlink()
 
 # Arrays made dangling behind any close we could intercept: a timer closes
 # the mmap after the cell finished, so only the comm-path guards can help.
-DANGLING_LATER = """
+MAKE_DANGLING_LATER = """
 import mmap, threading
 import numpy as np
 def make_dangling(name, delay=0.3):
@@ -41,15 +41,6 @@ def make_dangling(name, delay=0.3):
     globals()[name + "_nested"] = {"inner": [arr[::2]]}
     threading.Timer(delay, mm.close).start()
 """
-
-
-def _wait_dead(km, timeout=15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not km.is_alive():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_spyder_view_survives_original_code_with_extension():
@@ -83,7 +74,7 @@ def test_spyder_kernel_dies_without_extension():
         client.execute(ORIGINAL_CELL)
         time.sleep(3.0)  # the cell's own run (longer on a loaded machine)
         spyder.after_execute()
-        assert _wait_dead(km), "the unprotected kernel should have died"
+        assert wait_dead(km), "the unprotected kernel should have died"
 
 
 @pytest.mark.parametrize(
@@ -95,7 +86,7 @@ def test_spyder_paths_never_see_dangling_arrays(path, tmp_path):
         spyder = SpyderFrontend(client)
         spyder.configure_view(minmax=True)
         execute(client, "%load_ext shm_kernel_safe")
-        execute(client, DANGLING_LATER)
+        execute(client, MAKE_DANGLING_LATER)
         assert execute(client, "make_dangling('a')")["status"] == "ok"
         time.sleep(0.8)  # the mmap is closed now, with no execute since
         if path == "get_namespace_view":
@@ -147,7 +138,7 @@ def test_jupyterlab_variable_inspector(loaded):
             assert "DanglingArray" in evaluate(client, "repr(pair[0])")
         else:
             client.execute(INSPECTOR)
-            assert _wait_dead(km), "without the extension this read must crash the kernel"
+            assert wait_dead(km), "without the extension this read must crash the kernel"
 
 
 def test_cell_magic_in_kernel_under_spawn():

@@ -11,24 +11,12 @@ import time
 
 import pytest
 
-from .kernels import SpyderFrontend, evaluate, execute, kernel
+from .kernels import DANGLING_LATER, SpyderFrontend, evaluate, execute, kernel
 
 pytestmark = pytest.mark.timeout(180)
 
 TEXT = "array (2000, 16) float64: its shared memory was closed"
 
-# An mmap closed behind any close we intercept, after the cell ended: only
-# the guards in front of the viewers' own calls can catch it.
-DANGLING_LATER = """
-import mmap, threading
-import numpy as np
-_mm = mmap.mmap(-1, 8 * 2000 * 16)
-a = np.ndarray((2000, 16), np.float64, buffer=_mm)
-a[:] = 1.0
-rows = [a[:10], "label"]
-threading.Timer(0.3, _mm.close).start()
-del _mm
-"""
 
 DANGLING_NOW = """
 import mmap
