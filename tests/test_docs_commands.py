@@ -117,3 +117,11 @@ def test_the_readme_quotes_the_two_set_up_commands():
     commands = [c for _, c in quoted_commands()]
     assert "python -m shm_kernel_safe demo" in commands
     assert "python -m pytest" in commands
+
+
+def test_the_readme_links_nothing_relative():
+    # It is the package's long description: on an index page a relative link
+    # or image leads nowhere.
+    readme = (ROOT / "README.md").read_text()
+    relative = [t for t in re.findall(r"\]\(([^)]+)\)", readme) if "://" not in t]
+    assert not relative, f"relative links in README.md: {relative}"
