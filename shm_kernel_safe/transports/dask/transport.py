@@ -257,7 +257,10 @@ class DaskTransport(Transport):
         for attempt in range(SCATTER_TRIES):
             try:
                 return self.client.scatter(data, broadcast=True, hash=False)
-            except OSError:  # CommClosedError, "No valid workers found" (TimeoutError)
+            # CommClosedError, "No valid workers found" (TimeoutError); a
+            # KeyError naming a worker the scheduler removed in the middle
+            # of the broadcast (its replicate step looks the worker up again).
+            except (OSError, KeyError):
                 if attempt == SCATTER_TRIES - 1:
                     raise
                 # every worker died: wait for one to be back (and on our
