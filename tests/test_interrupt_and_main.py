@@ -84,7 +84,9 @@ def test_sigint_stops_workers_within_a_second(method, mode, tmp_path):
     else:
         assert res["n_alive"] == 2, res  # workers that stopped stay warm
     assert res["again"] == 45.0  # usable afterwards
-    assert res["shm"] == [] and shm_entries() == before
+    # Nothing added (segments of processes dead before the test may be
+    # cleaned meanwhile: not this test's concern).
+    assert res["shm"] == [] and not shm_entries() - before
     assert "leaked" not in proc.stderr
 
 
