@@ -76,7 +76,8 @@ class Log:
         self.size = 0
         self.end = 0
 
-    def add(self, index: int, kind: int, obj: Any) -> None:
+    def add(self, index: int, kind: int, obj: Any) -> bool:
+        """Append a record; False if (part of) ``obj`` could not be pickled."""
         data = _pickled(obj)
         if data is None:
             # A run with one value that does not pickle: each value on its
@@ -86,7 +87,7 @@ class Log:
             if kind == VALUES and len(obj) > 1:
                 for k, value in enumerate(obj):
                     self.add(index + k, VALUES, [value])
-            return
+            return False
         at = self.end + 16
         stop = at + len(data)
         if stop > self.size:
@@ -95,6 +96,7 @@ class Log:
         self.map[at:stop] = data  # type: ignore[index]
         self.end = stop
         self.ctrl[self.end_slot] = stop  # published after the bytes
+        return True
 
     def _grow(self, need: int) -> None:
         size = max(self.FIRST_SIZE, 2 * self.size)
@@ -238,7 +240,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     # the extra pickling is the workers', in parallel, and the parent's
     # per-item cost stays that of one message per chunk.
     keep: Callable[[int, Any], None] | None = None
-    logged: _RunLogger | None = None
+    logging_tick: Any = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
@@ -277,8 +279,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     elif log is not None:
         # run_items collects the values (None for a failed item) in
         # ``result.values``; ``tick`` counts each, and logs them in runs.
-        logged = _RunLogger(log, result, task.start, ctrl, row + control.SAVED, tick)
-        tick = logged.tick
+        tick = logging_tick = _logging_tick(log, result, task.start, ctrl, row, task.track_time)
 
     if log is not None and task.keep_going:
         result.failed = _LoggedDict(log)
@@ -293,6 +294,10 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         tick=tick,
         keep_going=task.keep_going,
     )
+    if logging_tick is not None and logging_tick.saved and logging_tick.intact:
+        # Pickled once: the message leaves out the values the log holds.
+        result.logged = logging_tick.saved
+        result.values = result.values[result.logged :]  # type: ignore[index]
     if log is not None:
         log.close()
         result.failed = dict(result.failed)
@@ -300,46 +305,48 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     return result
 
 
-class _RunLogger:
-    """Logs a chunk's results that do not stack in runs, and says how many.
+def _logging_tick(
+    log: Log,
+    result: ChunkResult,
+    start: int,
+    ctrl: memoryview,
+    row: int,
+    track_time: bool,
+) -> Callable[[], None]:
+    """The per-item callback of a chunk whose results do not stack.
 
-    ``tick`` runs after each item: it counts the item (``count``, the
-    chunk's own progress callback) and, once per :data:`FLUSH_SECONDS` of
-    the chunk's work, appends the values since the last run to the log and
-    then publishes how many items are saved (the control block's ``SAVED``
-    slot, the parent's ledger for this chunk if its worker dies). A chunk
-    shorter than that writes no log at all: its result message is enough.
+    It counts the item (``DONE``, progress) and, once per
+    :data:`FLUSH_SECONDS` of the chunk's work, appends the values since the
+    last run (``result.values``, which the chunk loop fills) to the log, then
+    publishes how many items are saved (``SAVED``, the parent's ledger for
+    this chunk if its worker dies). A chunk shorter than that writes no log
+    at all: its result message is enough. A closure, not a method: it runs
+    once per item. ``tick.saved`` is the count saved, ``tick.intact`` false
+    once a value could not be logged.
     """
+    clock = time.perf_counter
+    done_slot, saved_slot = row + control.DONE, row + control.SAVED
+    started_slot = row + control.ITEM_STARTED if track_time else -1
+    next_flush = clock() + FLUSH_SECONDS
+    flushed = 0
 
-    __slots__ = ("count", "ctrl", "flushed", "log", "next_flush", "result", "saved_slot", "start")
+    def tick() -> None:
+        nonlocal next_flush, flushed
+        ctrl[done_slot] += 1
+        if started_slot >= 0:
+            ctrl[started_slot] = _now_ms()
+        if clock() >= next_flush:
+            values = result.values
+            n = len(values)  # type: ignore[arg-type]
+            if not log.add(start + flushed, VALUES, values[flushed:n]):  # type: ignore[index]
+                tick.intact = False  # type: ignore[attr-defined]
+            flushed = n
+            tick.saved = n  # type: ignore[attr-defined]
+            ctrl[saved_slot] = n  # after the record
+            next_flush = clock() + FLUSH_SECONDS
 
-    def __init__(
-        self,
-        log: Log,
-        result: ChunkResult,
-        start: int,
-        ctrl: memoryview,
-        saved_slot: int,
-        count: Callable[[], None],
-    ) -> None:
-        self.log, self.result, self.start, self.count = log, result, start, count
-        self.ctrl, self.saved_slot = ctrl, saved_slot
-        self.flushed = 0
-        self.next_flush = time.perf_counter() + FLUSH_SECONDS
-
-    def tick(self) -> None:
-        self.count()
-        if time.perf_counter() >= self.next_flush:
-            self.flush()
-
-    def flush(self) -> None:
-        values = self.result.values
-        n = len(values) if values is not None else 0
-        if n > self.flushed:
-            self.log.add(self.start + self.flushed, VALUES, values[self.flushed : n])
-            self.flushed = n
-            self.ctrl[self.saved_slot] = n  # after the record
-        self.next_flush = time.perf_counter() + FLUSH_SECONDS
+    tick.saved, tick.intact = 0, True  # type: ignore[attr-defined]
+    return tick
 
 
 def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> bool:
