@@ -10,7 +10,6 @@ store per item in the control block, never a message.
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import pickle
 import struct
@@ -57,14 +56,15 @@ class Log:
     control block. Results that do not stack go in runs (``VALUES``: the
     list of the results of items ``index, index + 1, ...``), one record per
     :data:`FLUSH_SECONDS` of work: a pickle call per item would cost more
-    than a tiny item itself. The file is memory-mapped: a record is a
-    memcpy, never a message or a system call, and it survives the worker's
-    death (the pages belong to the file). The parent reads it when the
-    worker died before its chunk came back, so what it completed is kept.
-    The control block's ``LOG_END`` slot says how many bytes are complete.
+    than a tiny item itself. A record is one ``write``: once it returns,
+    the bytes belong to the file (the page cache), not to the worker, so
+    they outlive its death. The parent reads the log when the worker died
+    before its chunk came back, so what it completed is kept. The control
+    block's ``LOG_END`` slot says how many bytes are complete. (A
+    memory-mapped file costs less per record but far more per page: a
+    write into a file's hole allocates its blocks one fault at a time.)
     """
 
-    FIRST_SIZE = 1 << 16
     HEAD = struct.Struct("<qq")  # item index, kind << 56 | length of the pickle
 
     def __init__(self, path: str, ctrl: memoryview, end_slot: int) -> None:
@@ -72,8 +72,6 @@ class Log:
         self.ctrl = ctrl
         self.end_slot = end_slot
         self.fd = -1
-        self.map: mmap.mmap | None = None
-        self.size = 0
         self.end = 0
 
     def add(self, index: int, kind: int, obj: Any) -> bool:
@@ -88,33 +86,20 @@ class Log:
                 for k, value in enumerate(obj):
                     self.add(index + k, VALUES, [value])
             return False
-        at = self.end + 16
-        stop = at + len(data)
-        if stop > self.size:
-            self._grow(stop)
-        self.HEAD.pack_into(self.map, self.end, index, kind << 56 | len(data))  # type: ignore[arg-type]
-        self.map[at:stop] = data  # type: ignore[index]
-        self.end = stop
-        self.ctrl[self.end_slot] = stop  # published after the bytes
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        record = self.HEAD.pack(index, kind << 56 | len(data)) + data
+        view = memoryview(record)
+        while view:  # a regular file takes it whole; a signal may cut it short
+            view = view[os.write(self.fd, view) :]
+        self.end += len(record)
+        self.ctrl[self.end_slot] = self.end  # published after the bytes
         return True
 
-    def _grow(self, need: int) -> None:
-        size = max(self.FIRST_SIZE, 2 * self.size)
-        while size < need:
-            size *= 2
-        if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.fd, size)
-        if self.map is not None:
-            self.map.close()
-        self.map = mmap.mmap(self.fd, size)
-        self.size = size
-
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
 
 #: Kinds of log records.
