@@ -104,7 +104,9 @@ def test_progress_widget_renders_in_jupyterlab(jupyterlab):
             ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # Twice the pixels of a 1150-px-wide page: the screenshot of the
+            # cell and its bar stays readable where the docs scale it down.
+            page = browser.new_page(viewport={"width": 1150, "height": 900}, device_scale_factor=2)
             page.goto(f"{base}/lab/tree/weather_hours.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
             # A fresh JupyterLab may ask which kernel to start: accept its choice,
