@@ -15,7 +15,7 @@ import shm_kernel_safe as sks
 from shm_kernel_safe._platform import usable_cpus
 from shm_kernel_safe.engine.threads import THREAD_ENV_VARS, thread_info, threads_for
 
-from ..conftest import worker_children
+from ..helpers import worker_children
 
 pytestmark = [pytest.mark.timeout(180)]
 

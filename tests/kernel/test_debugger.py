@@ -6,67 +6,17 @@ sends them), answered with no IPython event around them."""
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
 
-from ..kernels import DANGLING_LATER, execute, kernel, wait_dead
+from ..kernels import DANGLING_LATER, DebugSession, execute, kernel, wait_dead
 
 pytest.importorskip("debugpy")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 TEXT = "its shared memory was closed"
-
-
-class DebugSession:
-    """The requests JupyterLab's debugger sends, over the control channel."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-        self.seq = itertools.count(1)
-
-    def request(self, command: str, arguments: dict | None = None, timeout: float = 20) -> dict:
-        content = {
-            "type": "request",
-            "seq": next(self.seq),
-            "command": command,
-            "arguments": arguments or {},
-        }
-        msg = self.client.session.msg("debug_request", content)
-        self.client.control_channel.send(msg)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            reply = self.client.get_control_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return reply["content"]
-        raise TimeoutError(f"no debug_reply to {command} within {timeout}s")
-
-    def start(self) -> None:
-        init = self.request(
-            "initialize",
-            {
-                "clientID": "jupyterlab",
-                "clientName": "JupyterLab",
-                "adapterID": "python",
-                "pathFormat": "path",
-                "linesStartAt1": True,
-                "columnsStartAt1": True,
-                "supportsVariableType": True,
-                "supportsVariablePaging": True,
-                "supportsRunInTerminalRequest": True,
-                "locale": "en",
-            },
-        )
-        assert init.get("success"), init
-        assert self.request("attach").get("success")
-        assert self.request("configurationDone").get("success")
-
-    def variables_panel(self) -> dict[str, dict]:
-        reply = self.request("inspectVariables")
-        assert reply.get("success"), reply
-        return {v["name"]: v for v in reply["body"]["variables"]}
 
 
 def test_variables_panel_with_extension():

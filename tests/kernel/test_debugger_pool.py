@@ -14,8 +14,7 @@ import ast
 import pytest
 
 from ..helpers import shm_entries
-from ..kernels import evaluate, execute, kernel
-from .test_debugger import DebugSession
+from ..kernels import DebugSession, evaluate, execute, kernel
 
 pytest.importorskip("debugpy")
 

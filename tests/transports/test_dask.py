@@ -26,8 +26,7 @@ from shm_kernel_safe.errors import DaskBackendError
 from shm_kernel_safe.transports.dask import cluster as dask_cluster
 from shm_kernel_safe.transports.dask import worker as dask_worker
 
-from ..conftest import worker_children
-from ..helpers import run_python
+from ..helpers import run_python, worker_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -16,8 +16,7 @@ pytest.importorskip("cryptography")
 import shm_kernel_safe as sks
 from shm_kernel_safe.transports.dask import cluster as dask_cluster
 
-from ..conftest import worker_children
-from ..helpers import run_python
+from ..helpers import run_python, worker_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
