@@ -18,6 +18,8 @@ from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     ItemsFailedWarning,
+    JournalError,
+    JournalWarning,
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
@@ -29,6 +31,7 @@ from .errors import (
     TaskError,
     WorkerDiedError,
 )
+from .engine.journal import JournalInfo, discard_journal, journals
 from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .memory.janitor import StaleSegment, cleanup_stale, find_stale
 from .memory.segments import live_segments
@@ -89,6 +92,9 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "ItemsFailedWarning",
+    "JournalError",
+    "JournalInfo",
+    "JournalWarning",
     "ParallelInterrupt",
     "ParallelTimeoutError",
     "PartialResults",
@@ -102,11 +108,13 @@ __all__ = [
     "TaskError",
     "WorkerDiedError",
     "cleanup_stale",
+    "discard_journal",
     "empty",
     "find_stale",
     "handle_of",
     "is_dangling",
     "is_protected",
+    "journals",
     "last_errors",
     "live_segments",
     "parallel_map",
