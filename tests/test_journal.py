@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -84,7 +85,9 @@ def _wait_gone(pids: list[int]) -> None:
 @pytest.mark.timeout(400)
 def test_sigkill_at_random_moments_never_reruns_recorded_items(kw, tmp_path):
     if kw["backend"] == "dask":
-        pytest.skip("a script killed with SIGKILL orphans its dask cluster; see the in-process test")
+        pytest.skip(
+            "a script killed with SIGKILL orphans its dask cluster; see the in-process test"
+        )
     n = 300
     path = str(tmp_path / "run.sksj")
     script = tmp_path / "script.py"
@@ -256,7 +259,7 @@ def test_discard_and_listing(tmp_path):
     assert "5 of 10 items" in info.describe()
     old = time.time() - 30 * 86400
     os.utime(path, (old, old))
-    assert jmod.remove_old(str(tmp_path)) == [path]
+    assert sks.memory.janitor.remove_old_journals(str(tmp_path)) == [path]
     assert sks.journals(str(tmp_path)) == []
     with pytest.raises(FileNotFoundError):
         sks.discard_journal(path)
@@ -272,7 +275,8 @@ def test_truncated_tail_is_reported_and_cut_damage_is_refused(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         sks.parallel_map(f, range(30), journal=path, backend="serial", chunksize=3)
-    good = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        good = fh.read()
     # a torn last record: reported once, cut off, the rest resumes
     with open(path, "wb") as fh:
         fh.write(good[:-5])
@@ -282,7 +286,8 @@ def test_truncated_tail_is_reported_and_cut_damage_is_refused(tmp_path):
             sks.parallel_map(f, range(30), journal=path, backend="serial", chunksize=3)
     assert [w for w in caught if issubclass(w.category, sks.JournalWarning)]
     # a damaged record before the last: refused, never trusted
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as fh:
+        data = bytearray(fh.read())
     data[len(jmod.SIGNATURE) + jmod._FRAME.size + 3] ^= 0xFF  # inside the header
     with open(path, "wb") as fh:
         fh.write(bytes(data))
@@ -296,3 +301,43 @@ def test_truncated_tail_is_reported_and_cut_damage_is_refused(tmp_path):
     assert [j.recorded for j in listed] == [-1]
     sks.discard_journal(listed[0])
     assert sks.journals(str(tmp_path)) == []
+
+
+@pytest.fixture
+def small_disk():
+    """A 1 MiB tmpfs: a disk that fills during the run."""
+    mnt = tempfile.mkdtemp()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True
+    )
+    if result.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", mnt], check=False)
+    os.rmdir(mnt)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend_name", ["serial", "local"])
+def test_disk_full_warns_once_and_the_run_completes(small_disk, backend_name, no_orphans):
+    path = os.path.join(small_disk, "full.sksj")
+    y = np.zeros(300_000)  # 2.4 MB of out= state: more than the disk holds
+
+    def f(i):
+        time.sleep(0.01)
+        y[i * 1000 : (i + 1) * 1000] = i
+        return float(i)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sks.parallel_map(
+            f, range(300), out=y, journal=path, keep_journal=True, backend=backend_name
+        )
+    found = [w for w in caught if issubclass(w.category, sks.JournalWarning)]
+    assert len(found) == 1, [str(w.message) for w in caught]
+    assert "No space left" in str(found[0].message) and path in str(found[0].message)
+    np.testing.assert_array_equal(r, np.arange(300.0))
+    np.testing.assert_array_equal(y, np.repeat(np.arange(300.0), 1000))
+    # what was recorded before the disk filled stays a valid journal
+    jmod.read(path)

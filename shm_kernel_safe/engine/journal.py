@@ -78,6 +78,8 @@ from .._platform import journal_directory
 from .._text import human_bytes
 from ..errors import InvalidArgumentError, JournalError, JournalWarning
 from ..memory.digest import hexdigest
+from ..memory.janitor import JOURNAL_SUFFIX, in_use, remove_old_journals
+from ..memory.janitor import held_journals as _held
 from .resume import Prior, RunRecord, fingerprint_function, fingerprint_items, new_run_id
 
 #: First bytes of every journal file: a signature and the format's version.
@@ -86,8 +88,6 @@ SIGNATURE = b"SKS-JOURNAL-1\n"
 _FRAME = struct.Struct("<4sIQQQ")
 _TAG = b"SKSR"
 HEADER, COMMIT = 1, 2
-#: File name suffix of journals.
-SUFFIX = ".sksj"
 #: Seconds between flushes at least (longer when a flush is slow, see the module).
 FLUSH_SECONDS = 1.0
 #: The flush interval is at least this many times the last flush's cost.
@@ -96,8 +96,6 @@ FLUSH_COST_FACTOR = 50
 CHUNK_SECONDS = 2.0
 #: out= arrays are compared and recorded in blocks of this many bytes.
 BLOCK_BYTES = 1 << 16
-#: Journals in the default folder older than this are removed by the janitor.
-MAX_AGE_DAYS = 14
 
 
 # -- the key: what makes two runs the same run ------------------------------------
@@ -152,7 +150,9 @@ def _inputs_of(
     for name in sorted(_code_names(code)):
         if name in globs:
             values[name] = globs[name]
-    for var, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or (), strict=False):
+    for var, cell in zip(
+        code.co_freevars, getattr(target, "__closure__", None) or (), strict=False
+    ):
         with contextlib.suppress(ValueError):
             values[var] = cell.cell_contents
     for k, default in enumerate(getattr(target, "__defaults__", None) or ()):
@@ -364,7 +364,7 @@ def default_path(key_parts: Any, label: str) -> str:
     """A journal path in the per-user cache folder for a run named by ``key_parts``."""
     h = xxhash.xxh3_128_hexdigest(repr(key_parts).encode())[:20]
     safe = "".join(c if c.isalnum() else "-" for c in label)[:40].strip("-") or "run"
-    return os.path.join(journal_directory(), f"{safe}-{h}{SUFFIX}")
+    return os.path.join(journal_directory(), f"{safe}-{h}{JOURNAL_SUFFIX}")
 
 
 class Journal:
@@ -730,10 +730,6 @@ def _sync(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)
 
 
-#: Journals a run of this process holds (POSIX locks do not conflict within a process).
-_held: set[str] = set()
-
-
 def _lock(fd: int, path: str) -> None:
     """Hold the journal for this run; a run of another process is refused.
 
@@ -760,27 +756,6 @@ def _lock(fd: int, path: str) -> None:
             message=f"journal {path} is in use by a running call of another process",
         ) from None
     _held.add(path)
-
-
-def in_use(path: str) -> bool:
-    """Whether a running call holds the journal at ``path``."""
-    if os.path.abspath(path) in _held:
-        return True
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 # -- listing and discarding -------------------------------------------------------
@@ -817,9 +792,7 @@ class JournalInfo:
     def describe(self) -> str:
         """One line: path, size, age, progress, what ran."""
         what = (
-            f"{self.recorded} of {self.total} items"
-            if self.total >= 0
-            else "damaged, discard it"
+            f"{self.recorded} of {self.total} items" if self.total >= 0 else "damaged, discard it"
         )
         busy = ", in use" if self.in_use else ""
         return (
@@ -834,7 +807,7 @@ def journals(directory: str | None = None) -> list[JournalInfo]:
     A journal stays when its run was stopped (the kernel died or was
     restarted, an item failed, an interrupt) until the same run is called
     again and finishes, or it is discarded, or it is older than
-    :data:`MAX_AGE_DAYS` days (then the janitor removes it).
+    :data:`~shm_kernel_safe.memory.janitor.JOURNAL_MAX_AGE_DAYS` days (then the janitor removes it).
 
     Parameters
     ----------
@@ -858,7 +831,7 @@ def journals(directory: str | None = None) -> list[JournalInfo]:
     now = time.time()
     found = []
     for entry in os.scandir(directory):
-        if not entry.name.endswith(SUFFIX):
+        if not entry.name.endswith(JOURNAL_SUFFIX):
             continue
         try:
             st = entry.stat()
@@ -876,7 +849,9 @@ def _info(path: str, st: os.stat_result, now: float) -> JournalInfo:
         label = str(header.get("label", "?"))
     except (JournalError, OSError, KeyError, pickle.UnpicklingError, EOFError):
         recorded, total, label = -1, -1, "?"
-    return JournalInfo(path, st.st_size, max(0.0, now - st.st_mtime), recorded, total, label, in_use(path))
+    return JournalInfo(
+        path, st.st_size, max(0.0, now - st.st_mtime), recorded, total, label, in_use(path)
+    )
 
 
 def discard_journal(journal: str | os.PathLike | JournalInfo) -> None:
@@ -897,31 +872,12 @@ def discard_journal(journal: str | os.PathLike | JournalInfo) -> None:
     """
     path = journal.path if isinstance(journal, JournalInfo) else os.fspath(journal)
     if in_use(path):
-        raise JournalError(
-            path, "is in use", message=f"journal {path} is in use by a running call"
-        )
+        raise JournalError(path, "is in use", message=f"journal {path} is in use by a running call")
     os.unlink(path)
-
-
-def remove_old(directory: str | None = None, max_age_days: float = MAX_AGE_DAYS) -> list[str]:
-    """Remove journals older than ``max_age_days`` that no run holds; their paths."""
-    directory = journal_directory() if directory is None else directory
-    if not os.path.isdir(directory):
-        return []
-    removed = []
-    limit = time.time() - max_age_days * 86400
-    for entry in os.scandir(directory):
-        if not (entry.name.endswith(SUFFIX) or entry.name.startswith(".sksj-")):
-            continue
-        with contextlib.suppress(OSError):
-            if entry.stat().st_mtime < limit and not in_use(entry.path):
-                os.unlink(entry.path)
-                removed.append(entry.path)
-    return removed
 
 
 @functools.lru_cache(maxsize=1)
 def _janitor_ran() -> bool:
     with contextlib.suppress(OSError):
-        remove_old()
+        remove_old_journals()
     return True

@@ -114,9 +114,7 @@ class Plan:
         )
         if max_chunk_seconds > 0 and probe_seconds > 0 and self.chunksize is None:
             cap = max(floor, int(max_chunk_seconds / probe_seconds))
-            spans = [
-                (s, min(e, s + cap)) for a, b in spans for s in range(a, b, cap) for e in (b,)
-            ]
+            spans = [(s, min(e, s + cap)) for a, b in spans for s in range(a, b, cap) for e in (b,)]
         rest = [Chunk(len(self.chunks) + k, s, e) for k, (s, e) in enumerate(spans)]
         self.chunks.extend(rest)
         return rest
