@@ -417,7 +417,11 @@ class Journal:
                     f"(pass the array it views)",
                 )
         key = run_key(fn, items, outputs)
-        label = label or getattr(fn, "__qualname__", type(fn).__qualname__)
+        label = (
+            label
+            or getattr(fn, "__shm_journal_label__", None)
+            or getattr(fn, "__qualname__", type(fn).__qualname__)
+        )
         if path is True:
             path = default_path((key["function"], key["items"], key["inputs"]), label)
         path = os.path.abspath(os.fspath(path))  # type: ignore[arg-type]
@@ -660,7 +664,7 @@ class Journal:
             return
         if run is not None:
             # the out= writes have landed in the caller's arrays
-            self.flush(run, self.outputs, stop=not ok)
+            self.flush(run, self.outputs, stop=True)
         self.close()
 
     def close(self) -> None:
