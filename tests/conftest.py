@@ -6,12 +6,17 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import tempfile
 import time
 
 import psutil
 import pytest
 
 from .helpers import SHM_DIR, foreign_owners, shm_entries
+
+# Journals (the magic's are on by default) go to a folder of this session,
+# never to the user's own cache; kernels the tests start inherit it.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sks-test-cache-")
 
 # Long-lived helpers that multiprocessing / loky start once per parent and
 # that die with it; they are not leaks of a test.

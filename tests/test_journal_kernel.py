@@ -27,7 +27,7 @@ from shm_kernel_safe.engine import journal as jmod
 from .kernels import execute, kernel
 
 N = 2000
-KILLS = int(os.environ.get("SKS_JOURNAL_KERNEL_KILLS", "12"))
+KILLS = int(os.environ.get("SKS_JOURNAL_KERNEL_KILLS", "20"))
 
 SETUP = """
 import os
@@ -74,7 +74,7 @@ def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_pat
         files = _journal_files(cache)
         assert len(files) <= 1
         before = jmod.recorded_mask(files[0]) if files else np.zeros(N, dtype=bool)
-        env = {"XDG_CACHE_HOME": cache, "SKS_SIDE": side}
+        env = {"XDG_CACHE_HOME": cache, "SKS_SIDE": side, "SHM_KERNEL_SAFE_JOURNAL": "1"}
         with kernel(env=env) as (km, client):
             out = execute(client, SETUP.format(folder=folder, n=N))
             assert out["status"] == "ok", out
@@ -130,7 +130,7 @@ def test_magic_flags_and_refusal(tmp_path):
         "y[nn] = x[nn].sum() * 2\n"
         "nn\n"
     )
-    with kernel(env={"XDG_CACHE_HOME": cache}) as (_, client):
+    with kernel(env={"XDG_CACHE_HOME": cache, "SHM_KERNEL_SAFE_JOURNAL": "1"}) as (_, client):
         out = execute(client, SETUP.format(folder=folder, n=40))
         assert out["status"] == "ok", out
         open(flag, "w").close()

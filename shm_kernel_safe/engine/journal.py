@@ -572,15 +572,29 @@ class Journal:
                 commit["outputs_at_stop"] = [hexdigest(o) for o in self.outputs]
             if count or commit.get("outs") or stop:
                 payload = _dumps(commit)
-                _write_all(self.fd, _frame(COMMIT, count, payload))  # type: ignore[arg-type]
-                _sync(self.fd)  # type: ignore[arg-type]
-                self.end += _FRAME.size + len(payload)
+                self._append(_frame(COMMIT, count, payload))
         except OSError as exc:
             self._give_up(exc)
             return
         cost = time.perf_counter() - started
         self.interval = max(FLUSH_SECONDS, FLUSH_COST_FACTOR * cost)
         self.next_flush = time.monotonic() + self.interval
+
+    def _append(self, record: bytes) -> None:
+        """Write one record at the end of the valid data, whole or not at all:
+        whatever stops the write (an interrupt, a full disk) leaves no torn
+        record before the next one."""
+        fd = self.fd
+        assert fd is not None
+        try:
+            os.lseek(fd, self.end, os.SEEK_SET)
+            _write_all(fd, record)
+            _sync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.end)
+            raise
+        self.end += len(record)
 
     def _commit(self, run: Any, outputs: tuple[np.ndarray, ...] | None) -> tuple[dict, int]:
         pending, self.pending = self.pending, []

@@ -23,11 +23,14 @@ from ..errors import JournalError
 ENV = "SHM_KERNEL_SAFE_JOURNAL"
 
 
-def journal_for(args: Any, key: tuple, line: str, fn: Any) -> str | None:
+def journal_for(args: Any, key: tuple, line: str, fn: Any, ns: dict) -> str | None:
     """The ``journal=`` of the run: a path, or None (journaling off).
 
-    ``--journal-reset`` discards the journal first. The cell's function
-    carries the magic's line, for :func:`~shm_kernel_safe.journals`.
+    ``--journal-reset`` discards the journal first; so does ``--resume``,
+    which merges the failed run this kernel kept, whatever the journal
+    holds (the engine then records that run's items in a fresh journal).
+    The cell's function carries the magic's line, for
+    :func:`~shm_kernel_safe.journals`.
     """
     if args.no_journal:
         return None
@@ -36,10 +39,12 @@ def journal_for(args: Any, key: tuple, line: str, fn: Any) -> str | None:
     if isinstance(args.journal, str):
         path = os.path.abspath(os.path.expanduser(args.journal))
     else:
-        where = os.getcwd()
-        path = journals.default_path((where, key), "cell")
+        # The notebook, where the front end names it (jupyter_server passes
+        # its path to the kernel), else the folder the kernel runs in.
+        where = os.environ.get("JPY_SESSION_NAME") or ns.get("__session__") or os.getcwd()
+        path = journals.default_path((str(where), key), "cell")
     fn.__shm_journal_label__ = f"%%shm_parallel {line.strip()}"
-    if args.journal_reset and os.path.exists(path):
+    if (args.journal_reset or args.resume) and os.path.exists(path):
         try:
             journals.discard_journal(path)
         except JournalError as exc:

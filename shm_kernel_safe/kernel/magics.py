@@ -277,7 +277,7 @@ class ShmMagics(Magics):
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
         key = run_key(spec, args)
         prior = self._prior_run(key) if args.resume else None
-        journal = journaling.journal_for(args, key, line, fn)
+        journal = journaling.journal_for(args, key, line, fn, ns)
         try:
             result = parallel_map(
                 fn,
@@ -310,7 +310,7 @@ class ShmMagics(Magics):
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
         except (_RemoteFailure, KeyboardInterrupt) as exc:
-            self._kept_on_failure(key, exc, args.result)
+            self._kept_on_failure(key, exc, args.result, journaled=journal is not None)
             raise
         failed = last_errors()
         if failed:
@@ -321,7 +321,9 @@ class ShmMagics(Magics):
             ns[args.result] = result
         return None
 
-    def _kept_on_failure(self, key: tuple, exc: BaseException, result: Any) -> None:
+    def _kept_on_failure(
+        self, key: tuple, exc: BaseException, result: Any, journaled: bool = False
+    ) -> None:
         """After a failed run: keep what completed, and say how to resume."""
         if getattr(exc, "done", None) is None:
             return
@@ -331,6 +333,11 @@ class ShmMagics(Magics):
         completed = int(exc.done.sum())  # type: ignore[attr-defined]
         total = len(exc.done)  # type: ignore[attr-defined]
         hint = "run the cell again with --resume to do only the rest"
+        if journaled:  # the journal resumes it, in this kernel or a new one
+            hint = (
+                "run the cell again to do only the rest: its journal keeps them "
+                "(--resume does the same in this kernel)"
+            )
         if isinstance(exc, _RemoteFailure):
             exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
         elif isinstance(exc, ParallelInterrupt):
