@@ -30,7 +30,7 @@ import shm_kernel_safe as sks
 from shm_kernel_safe.engine import journal as jmod
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_hourly import N_TASKS, calibrate, work  # noqa: E402
+from bench_hourly import N_TASKS, calibrate, work
 
 
 def main(argv: list[str] | None = None) -> int:
