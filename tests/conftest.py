@@ -14,9 +14,13 @@ import pytest
 
 from .helpers import SHM_DIR, foreign_owners, shm_entries
 
-# Journals (the magic's are on by default) go to a folder of this session,
-# never to the user's own cache; kernels the tests start inherit it.
+# Journals go to a folder of this session, never to the user's own cache;
+# kernels the tests start inherit it. The magic's default journal is off
+# here: these tests are about runs within one kernel (a journal would
+# refuse a cell run again with other inputs); tests/test_journal*.py turn
+# it on (SHM_KERNEL_SAFE_JOURNAL=1) for the kernels they start.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sks-test-cache-")
+os.environ["SHM_KERNEL_SAFE_JOURNAL"] = "0"
 
 # Long-lived helpers that multiprocessing / loky start once per parent and
 # that die with it; they are not leaks of a test.

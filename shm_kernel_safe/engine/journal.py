@@ -441,7 +441,7 @@ class Journal:
         return journal
 
     def _create(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         header = {"key": self.key, "label": self.label, "created": time.time(), "pid": os.getpid()}
         payload = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
         fd, tmp = tempfile.mkstemp(prefix=".sksj-", dir=os.path.dirname(self.path))
@@ -524,9 +524,10 @@ class Journal:
         created = contents.header.get("created", time.time())
         last = max([created] + [c.get("time", created) for c in contents.commits])
         recorded = int(done.sum())
-        if recorded:
-            record = RunRecord(new_run_id(), self.key["items"], self.key["function"], ())
-            self.prior = Prior(done.copy(), values, record)
+        if not recorded:  # killed before its first flush: nothing to say
+            return
+        record = RunRecord(new_run_id(), self.key["items"], self.key["function"], ())
+        self.prior = Prior(done.copy(), values, record)
         print(
             f"resuming: {recorded} of {self.n} items recorded {_age(time.time() - last)} ago "
             f"(journal {self.path})"
