@@ -68,6 +68,7 @@ def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_pat
     rng = random.Random(23)
     kills = 0
     attempt = 0
+    resumed_from = 0  # the most items a journal held when a run started
     resumed_lines = []
     while True:
         side = str(tmp_path / f"side{attempt}")
@@ -102,11 +103,13 @@ def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_pat
                 )
                 assert out["status"] == "ok", out
                 finished = True
+        resumed_from = max(resumed_from, int(before.sum()))
         again = sorted(set(_side(side)) & set(np.flatnonzero(before).tolist()))
         assert not again, f"recorded items ran again after kill {kills}: {again[:10]}"
         attempt += 1
         if finished:
             break
+    assert resumed_from > 0, "no run started from a journal that recorded items"
     sks.cleanup_stale()  # the killed kernels' segments
     y = np.load(os.path.join(folder, "y.npy"))
     r = np.load(os.path.join(folder, "r.npy"))
