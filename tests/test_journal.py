@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
         fd = os.open(os.environ["SIDE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         os.write(fd, f"{i}\\n".encode())
         os.close(fd)
-        time.sleep(0.004)
+        time.sleep(0.015)  # a run (~2 s) spans flushes (every second)
         y[i, 0] = x[i].sum()
         y[i, 1] = -i
         if i % 7 == 0:
@@ -82,8 +82,15 @@ def _wait_gone(pids: list[int]) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture
+def stale_cleaned():
+    """The segments of the scripts killed by the test are removed after it."""
+    yield
+    sks.cleanup_stale()
+
+
 @pytest.mark.timeout(400)
-def test_sigkill_at_random_moments_never_reruns_recorded_items(kw, tmp_path):
+def test_sigkill_at_random_moments_never_reruns_recorded_items(kw, tmp_path, stale_cleaned):
     n = 300
     path = str(tmp_path / "run.sksj")
     script = tmp_path / "script.py"
@@ -134,7 +141,6 @@ def test_sigkill_at_random_moments_never_reruns_recorded_items(kw, tmp_path):
             assert b"FINISHED" in out
             break
     assert resumed_from > 0, "no run started from a journal that recorded items"
-    sks.cleanup_stale()
     r_want, y_want = expected(n)
     y = np.load(path + ".y.npy")
     r = np.load(path + ".r.npy", allow_pickle=True).tolist()

@@ -60,8 +60,15 @@ def _journal_files(cache: str) -> list[str]:
     return glob.glob(os.path.join(cache, "shm_kernel_safe", "journals", "*.sksj"))
 
 
+@pytest.fixture
+def stale_cleaned():
+    """The segments of the kernels killed by the test are removed after it."""
+    yield
+    sks.cleanup_stale()
+
+
 @pytest.mark.timeout(900)
-def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_path):
+def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_path, stale_cleaned):
     cache = str(tmp_path / "cache")
     folder = str(tmp_path / "notebook")
     os.makedirs(folder)
@@ -110,7 +117,6 @@ def test_killed_kernels_resume_the_cell_without_rerunning_recorded_items(tmp_pat
         if finished:
             break
     assert resumed_from > 0, "no run started from a journal that recorded items"
-    sks.cleanup_stale()  # the killed kernels' segments
     y = np.load(os.path.join(folder, "y.npy"))
     r = np.load(os.path.join(folder, "r.npy"))
     x = np.arange(N * 4, dtype=np.float64).reshape(N, 4)

@@ -66,7 +66,6 @@ import sys
 import tempfile
 import time
 import types
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +79,7 @@ from ..errors import InvalidArgumentError, JournalError, JournalWarning
 from ..memory.digest import hexdigest
 from ..memory.janitor import JOURNAL_SUFFIX, in_use, remove_old_journals
 from ..memory.janitor import held_journals as _held
+from .callsite import warn_at_caller
 from .resume import Prior, RunRecord, fingerprint_function, fingerprint_items, new_run_id
 
 #: First bytes of every journal file: a signature and the format's version.
@@ -449,7 +449,15 @@ class Journal:
             _write_all(fd, SIGNATURE + _frame(HEADER, 0, payload))
             _sync(fd)
             _lock(fd, self.path)
-            os.replace(tmp, self.path)  # a journal exists whole, with its header, or not at all
+            # A journal exists whole, with its header, or not at all; one
+            # another process made meanwhile is never replaced (link fails).
+            try:
+                os.link(tmp, self.path)
+                os.unlink(tmp)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                os.replace(tmp, self.path)
         except BaseException:
             os.close(fd)
             _held.discard(self.path)
@@ -481,11 +489,11 @@ class Journal:
             raise JournalError(self.path, f"records another run: {problem}")
         if contents.torn:
             os.ftruncate(fd, contents.end)  # never appended after a torn record
-            warnings.warn(
-                f"journal {self.path}: its last record is incomplete (the process was "
-                f"stopped while writing it) and was cut off; its items run again",
-                JournalWarning,
-                stacklevel=5,
+            warn_at_caller(
+                JournalWarning(
+                    f"journal {self.path}: its last record is incomplete (the process was "
+                    f"stopped while writing it) and was cut off; its items run again"
+                )
             )
         self.end = contents.end
         os.lseek(fd, self.end, os.SEEK_SET)
@@ -698,11 +706,11 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.end)  # a torn record is never left behind
         self.close()
-        warnings.warn(
-            f"journal {self.path}: cannot write ({exc.strerror or exc}); journaling is off "
-            f"for this run, which goes on",
-            JournalWarning,
-            stacklevel=2,
+        warn_at_caller(
+            JournalWarning(
+                f"journal {self.path}: cannot write ({exc.strerror or exc}); journaling is "
+                f"off for this run, which goes on"
+            )
         )
 
 
