@@ -40,10 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=None)
     parser.add_argument("--dir", default=None, help="folder of the journals")
     parser.add_argument("--json", default=None, help="write the numbers here too")
+    parser.add_argument(
+        "--chunksize",
+        type=int,
+        default=None,
+        help="fixed chunks for both (a journaled run otherwise cuts chunks of at most "
+        "2 s of work, which alone changes the schedule): isolates the journal's own cost",
+    )
+    parser.add_argument(
+        "--rows-per-item", type=int, default=None, help="skip the calibration (a busy machine)"
+    )
     args = parser.parse_args(argv)
 
     x = np.random.default_rng(0).standard_normal((args.rows, 16))
-    k, per = calibrate(x, 0.001)
+    if args.rows_per_item:
+        k = args.rows_per_item
+        t0 = time.perf_counter()
+        for nn in range(200):
+            work(x, nn * 37, k)
+        per = (time.perf_counter() - t0) / 200
+    else:
+        k, per = calibrate(x, 0.001)
     y = np.zeros(N_TASKS)
     folder = args.dir or tempfile.mkdtemp(prefix="sks-bench-journal-", dir=os.path.expanduser("~"))
     os.makedirs(folder, exist_ok=True)
@@ -58,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     expected = sks.parallel_map(item, range(N_TASKS), out=y, processes=args.processes)
 
     def plain() -> np.ndarray:
-        return sks.parallel_map(item, range(N_TASKS), out=y, processes=args.processes)
+        return sks.parallel_map(
+            item, range(N_TASKS), out=y, processes=args.processes, chunksize=args.chunksize
+        )
 
     def journaled() -> np.ndarray:
         return sks.parallel_map(item, range(N_TASKS), out=y, processes=args.processes, journal=path)
@@ -104,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": args.rows,
         "items": N_TASKS,
         "rows_per_item": k,
+        "chunksize": args.chunksize,
         "item_seconds": per,
         "median_seconds": {name: statistics.median(t) for name, t in times.items()},
         "ratio_journaled_median": statistics.median(ratios),

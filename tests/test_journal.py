@@ -346,3 +346,34 @@ def test_disk_full_warns_once_and_the_run_completes(small_disk, backend_name, no
     np.testing.assert_array_equal(y, np.repeat(np.arange(300.0), 1000))
     # what was recorded before the disk filled stays a valid journal
     jmod.read(path)
+
+
+def test_journal_true_uses_the_cache_folder_and_status_lists_it(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    flag = str(tmp_path / "stop")
+    open(flag, "w").close()
+
+    def hourly(i):
+        if i == 6 and os.path.exists(flag):
+            raise KeyboardInterrupt
+        return i * 3
+
+    with pytest.raises(KeyboardInterrupt):
+        sks.parallel_map(hourly, range(10), journal=True, backend="serial")
+    (info,) = sks.journals()
+    assert info.path.startswith(os.path.join(cache, "shm_kernel_safe", "journals"))
+    assert info.label.endswith("hourly") and info.recorded == 6
+    env = dict(os.environ, XDG_CACHE_HOME=cache)
+    out = subprocess.run(
+        [sys.executable, "-m", "shm_kernel_safe", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert "journals of unfinished runs: 1" in out and "6 of 10 items" in out, out
+    os.unlink(flag)
+    r = sks.parallel_map(hourly, range(10), journal=True, backend="serial")
+    np.testing.assert_array_equal(r, np.arange(10) * 3)
+    assert sks.journals() == []
