@@ -42,10 +42,11 @@ from .control import (
     LOG_END,
     PID,
     RUNNING,
+    SAVED,
     STATE,
     ControlBlock,
 )
-from .worker import FAILED, MISFIT, VALUE, ChunkTask, read_log, run_chunk
+from .worker import FAILED, MISFIT, VALUES, ChunkTask, read_log, run_chunk
 
 #: Seconds chunks may wait with no worker running any of them before the
 #: run ends as stalled: far above a cold start under load (a few seconds).
@@ -247,6 +248,8 @@ class LocalTransport(Transport):
         for fut in done:
             res = fut.result()
             del self.futures[fut]
+            if res.logged:
+                self._values_from_log(res)
             results.append(res)
         now = time.monotonic()
         if results or self._any_running():
@@ -320,13 +323,26 @@ class LocalTransport(Transport):
         for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
             if index >= stop:
                 continue
-            if kind == VALUE and res.values is not None:
-                res.values[index - chunk.start] = obj
+            if kind == VALUES and res.values is not None:
+                for k, value in enumerate(obj[: stop - index]):
+                    res.values[index - chunk.start + k] = value
             elif kind == MISFIT:
                 res.misfits[index] = obj
             elif kind == FAILED:
                 res.failed[index] = obj
         return res
+
+    def _values_from_log(self, res: ChunkResult) -> None:
+        """Put back the values a chunk's message left in its log."""
+        start = self.chunks[res.chunk].start
+        block, row = self.rows[res.chunk]
+        end = int(self.blocks[block][0].table[row, LOG_END])
+        head: list = [None] * res.logged
+        for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
+            if kind == VALUES and index < start + res.logged:
+                head[index - start : index - start + len(obj)] = obj
+        res.values = head + (res.values or [])
+        res.logged = 0
 
     def items_done(self) -> int:
         # Every row counts: what a dead worker completed stays completed.
@@ -435,6 +451,9 @@ class LocalTransport(Transport):
             for f in list(self.futures)
             if f.done() and not f.cancelled() and f.exception() is None
         }
+        for res in came_back.values():
+            if res.logged:
+                self._values_from_log(res)
         salvage = [
             came_back.get(c.number)
             or self._with_log(ChunkResult(c.number, done=self._row_done(c.number)))
@@ -471,8 +490,11 @@ class LocalTransport(Transport):
         )
 
     def _row_done(self, number: int) -> int:
+        """Items of chunk ``number`` completed with their results where the
+        parent finds them without the chunk's message (see ``control``)."""
         block, row = self.rows[number]
-        return int(self.blocks[block][0].table[row, DONE])
+        slot = SAVED if number in self.unstacked else DONE
+        return int(self.blocks[block][0].table[row, slot])
 
 
 def _spans(chunks: list[Chunk]) -> str:

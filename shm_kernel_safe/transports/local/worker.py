@@ -10,7 +10,6 @@ store per item in the control block, never a message.
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import pickle
 import struct
@@ -52,16 +51,20 @@ class Log:
     """A chunk's log of what only a message would otherwise carry.
 
     Results that do not stack, results that do not fit the stacked array and
-    (with ``errors="continue"``) items' errors are appended here, each as
-    one record (item index, kind, pickled object), before the item is
-    counted in the control block. The file is memory-mapped: a record is a
-    memcpy, never a message or a system call, and it survives the worker's
-    death (the pages belong to the file). The parent reads it when the
-    worker died before its chunk came back, so what it completed is kept.
-    The control block's ``LOG_END`` slot says how many bytes are complete.
+    (with ``errors="continue"``) items' errors are appended here, as records
+    (item index, kind, pickled object), before the items are counted in the
+    control block. Results that do not stack go in runs (``VALUES``: the
+    list of the results of items ``index, index + 1, ...``), one record per
+    :data:`FLUSH_SECONDS` of work: a pickle call per item would cost more
+    than a tiny item itself. A record is one ``write``: once it returns,
+    the bytes belong to the file (the page cache), not to the worker, so
+    they outlive its death. The parent reads the log when the worker died
+    before its chunk came back, so what it completed is kept. The control
+    block's ``LOG_END`` slot says how many bytes are complete. (A
+    memory-mapped file costs less per record but far more per page: a
+    write into a file's hole allocates its blocks one fault at a time.)
     """
 
-    FIRST_SIZE = 1 << 16
     HEAD = struct.Struct("<qq")  # item index, kind << 56 | length of the pickle
 
     def __init__(self, path: str, ctrl: memoryview, end_slot: int) -> None:
@@ -69,50 +72,55 @@ class Log:
         self.ctrl = ctrl
         self.end_slot = end_slot
         self.fd = -1
-        self.map: mmap.mmap | None = None
-        self.size = 0
         self.end = 0
 
-    def add(self, index: int, kind: int, obj: Any) -> None:
-        try:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            try:  # what the result message carries too: lambdas, local classes
-                data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                # Not logged: the chunk's result message turns it into its
-                # item's error (ChunkResult.make_sendable).
-                return
-        at = self.end + 16
-        stop = at + len(data)
-        if stop > self.size:
-            self._grow(stop)
-        self.HEAD.pack_into(self.map, self.end, index, kind << 56 | len(data))  # type: ignore[arg-type]
-        self.map[at:stop] = data  # type: ignore[index]
-        self.end = stop
-        self.ctrl[self.end_slot] = stop  # published after the bytes
-
-    def _grow(self, need: int) -> None:
-        size = max(self.FIRST_SIZE, 2 * self.size)
-        while size < need:
-            size *= 2
+    def add(self, index: int, kind: int, obj: Any) -> bool:
+        """Append a record; False if (part of) ``obj`` could not be pickled."""
+        data = _pickled(obj)
+        if data is None:
+            # A run with one value that does not pickle: each value on its
+            # own, so only that one is missing from the log (the chunk's
+            # result message turns it into its item's error, see
+            # ChunkResult.make_sendable).
+            if kind == VALUES and len(obj) > 1:
+                for k, value in enumerate(obj):
+                    self.add(index + k, VALUES, [value])
+            return False
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.fd, size)
-        if self.map is not None:
-            self.map.close()
-        self.map = mmap.mmap(self.fd, size)
-        self.size = size
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        record = self.HEAD.pack(index, kind << 56 | len(data)) + data
+        view = memoryview(record)
+        while view:  # a regular file takes it whole; a signal may cut it short
+            view = view[os.write(self.fd, view) :]
+        self.end += len(record)
+        self.ctrl[self.end_slot] = self.end  # published after the bytes
+        return True
 
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
 
 #: Kinds of log records.
-VALUE, MISFIT, FAILED = 0, 1, 2
+VALUES, MISFIT, FAILED = 0, 1, 2
+
+#: Results that do not stack are logged once per this many seconds of a
+#: chunk's work: the most work a worker killed from outside loses (those
+#: items run again). Chunks are sized to at least twice this (the local
+#: transport's ``min_chunk_seconds``), so a log costs one file per chunk
+#: at most, a few percent of it, and none for short chunks.
+FLUSH_SECONDS = 0.002
+
+
+def _pickled(obj: Any) -> bytes | None:
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        try:  # what the result message carries too: lambdas, local classes
+            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None
 
 
 class _LoggedDict(dict):
@@ -217,7 +225,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     # the extra pickling is the workers', in parallel, and the parent's
     # per-item cost stays that of one message per chunk.
     keep: Callable[[int, Any], None] | None = None
-    kept: dict[int, Any] | None = None
+    logging_tick: Any = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
@@ -254,11 +262,9 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
             tick = None  # type: ignore[assignment]
 
     elif log is not None:
-        kept = {}
-
-        def keep(i: int, value: Any) -> None:
-            log.add(i, VALUE, value)
-            kept[i] = value
+        # run_items collects the values (None for a failed item) in
+        # ``result.values``; ``tick`` counts each, and logs them in runs.
+        tick = logging_tick = _logging_tick(log, result, task.start, ctrl, row, task.track_time)
 
     if log is not None and task.keep_going:
         result.failed = _LoggedDict(log)
@@ -273,13 +279,59 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         tick=tick,
         keep_going=task.keep_going,
     )
+    if logging_tick is not None and logging_tick.saved and logging_tick.intact:
+        # Pickled once: the message leaves out the values the log holds.
+        result.logged = logging_tick.saved
+        result.values = result.values[result.logged :]  # type: ignore[index]
     if log is not None:
         log.close()
         result.failed = dict(result.failed)
-    if kept is not None:  # None where an item failed, as run_items' own list
-        result.values = [kept.get(i) for i in range(task.start, task.start + result.done)]
     ctrl[row + control.STATE] = control.FINISHED
     return result
+
+
+def _logging_tick(
+    log: Log,
+    result: ChunkResult,
+    start: int,
+    ctrl: memoryview,
+    row: int,
+    track_time: bool,
+) -> Callable[[], None]:
+    """The per-item callback of a chunk whose results do not stack.
+
+    It counts the item (``DONE``, progress) and, once per
+    :data:`FLUSH_SECONDS` of the chunk's work, appends the values since the
+    last run (``result.values``, which the chunk loop fills) to the log, then
+    publishes how many items are saved (``SAVED``, the parent's ledger for
+    this chunk if its worker dies). A chunk shorter than that writes no log
+    at all: its result message is enough. A closure, not a method: it runs
+    once per item. ``tick.saved`` is the count saved, ``tick.intact`` false
+    once a value could not be logged.
+    """
+    clock = time.perf_counter
+    done_slot, saved_slot = row + control.DONE, row + control.SAVED
+    started_slot = row + control.ITEM_STARTED if track_time else -1
+    next_flush = clock() + FLUSH_SECONDS
+    flushed = 0
+
+    def tick() -> None:
+        nonlocal next_flush, flushed
+        ctrl[done_slot] += 1
+        if started_slot >= 0:
+            ctrl[started_slot] = _now_ms()
+        if clock() >= next_flush:
+            values = result.values
+            n = len(values)  # type: ignore[arg-type]
+            if not log.add(start + flushed, VALUES, values[flushed:n]):  # type: ignore[index]
+                tick.intact = False  # type: ignore[attr-defined]
+            flushed = n
+            tick.saved = n  # type: ignore[attr-defined]
+            ctrl[saved_slot] = n  # after the record
+            next_flush = clock() + FLUSH_SECONDS
+
+    tick.saved, tick.intact = 0, True  # type: ignore[attr-defined]
+    return tick
 
 
 def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> bool:
