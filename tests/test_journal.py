@@ -377,3 +377,44 @@ def test_journal_true_uses_the_cache_folder_and_status_lists_it(tmp_path, monkey
     r = sks.parallel_map(hourly, range(10), journal=True, backend="serial")
     np.testing.assert_array_equal(r, np.arange(10) * 3)
     assert sks.journals() == []
+
+
+INTERRUPTED = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    import shm_kernel_safe as sks
+
+    def f(i):
+        time.sleep(0.003)
+        return f"v{i}"  # results that do not stack: logged by workers in runs
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sks.prestart(2)
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            sks.parallel_map(f, range(3000), processes=2, journal=sys.argv[1])
+        except KeyboardInterrupt as exc:
+            bad = [i for i, (v, d) in enumerate(zip(exc.partial, exc.done)) if d and v != f"v{i}"]
+            print("partial wrong:", len(bad))
+        r = sks.parallel_map(f, range(3000), processes=2, journal=sys.argv[1])
+        print("resumed wrong:", sum(v != f"v{i}" for i, v in enumerate(r)))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_interrupt_keeps_the_values_of_chunks_back_during_cancel(tmp_path):
+    """Chunks that come back while an interrupt cancels the run carry some
+    values in their log: the partial results, and hence the journal, have them."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "i.sksj")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert "partial wrong: 0" in proc.stdout and "resumed wrong: 0" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:]
+    )

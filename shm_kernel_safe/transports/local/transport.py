@@ -360,7 +360,10 @@ class LocalTransport(Transport):
             done, pending = cf.wait(list(self.futures), timeout=grace)
             for fut in done:
                 with contextlib.suppress(Exception):
-                    results.append(fut.result())
+                    res = fut.result()
+                    if res.logged:  # values the message left in the chunk's log
+                        self._values_from_log(res)
+                    results.append(res)
             kill = bool(pending)
         self.futures.clear()
         if kill and self.lease is not None:
