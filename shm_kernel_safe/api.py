@@ -170,6 +170,12 @@ def parallel_map(
         not the objects that run wrote, an error that records no run, or
         ``last_errors()`` of a run without failures. A function whose code
         changed only warns (:class:`ResumeFunctionChangedWarning`).
+    threads_per_worker : int, optional
+        BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
+        Default: the usable CPUs divided by the workers, at least 1, so that
+        workers x threads <= CPUs. Applies to workers we start (the local
+        pool, our dask ``LocalCluster``); this process's own BLAS is never
+        changed, so ``backend="serial"`` ignores it.
     journal : str, path or bool, optional
         Record completed items (their results and the ``out=`` state) in a
         file, so that the same call in a new process, after a crash or a
@@ -181,17 +187,12 @@ def parallel_map(
         the values the function reads, the ``out=`` arrays' shapes and
         starting contents), else :class:`JournalError`; a finished run's
         journal is removed. A kill at any instant re-runs at most the
-        items of the last few seconds (see ``docs/safety.md``). A disk
+        items of the last few seconds (see "Runs that outlive the kernel"
+        in ``docs/engine.md``). A disk
         that fills turns journaling off with one :class:`JournalWarning`.
     keep_journal : bool
         Keep the journal of a finished run (a later identical call then
         returns its results at once).
-    threads_per_worker : int, optional
-        BLAS/OpenMP threads each worker may use (OpenBLAS, MKL, OpenMP...).
-        Default: the usable CPUs divided by the workers, at least 1, so that
-        workers x threads <= CPUs. Applies to workers we start (the local
-        pool, our dask ``LocalCluster``); this process's own BLAS is never
-        changed, so ``backend="serial"`` ignores it.
     **unknown
         Not accepted: names other libraries use (``n_jobs``, ``verbose``...)
         raise an :class:`InvalidArgumentTypeError` saying which of ours to use.
@@ -304,8 +305,8 @@ def parallel_map(
         )
         result = run.execute()
     except BaseException as exc:
-        if opened is not None:
-            opened.finish(locals().get("run"), ok=False)
+        if opened is not None:  # what the run completed stays recorded
+            opened.finish(run if "run" in locals() else None, ok=False)
         if display is not None:
             display.close(error=exc)
         raise

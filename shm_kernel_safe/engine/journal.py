@@ -587,7 +587,7 @@ class Journal:
             if count or commit.get("outs") or stop:
                 payload = _dumps(commit)
                 self._append(_frame(COMMIT, count, payload))
-        except OSError as exc:
+        except Exception as exc:  # a journal never fails the run it records
             self._give_up(exc)
             return
         cost = time.perf_counter() - started
@@ -702,7 +702,7 @@ class Journal:
             self.fd = None
             _held.discard(self.path)
 
-    def _give_up(self, exc: OSError) -> None:
+    def _give_up(self, exc: Exception) -> None:
         """No journal can be written (disk full, no permission): one warning,
         journaling off, the run goes on; what was recorded stays valid."""
         self.off = True
@@ -711,10 +711,11 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.end)  # a torn record is never left behind
         self.close()
+        reason = getattr(exc, "strerror", None) or exc
         warn_at_caller(
             JournalWarning(
-                f"journal {self.path}: cannot write ({exc.strerror or exc}); journaling is "
-                f"off for this run, which goes on"
+                f"journal {self.path}: cannot write ({reason}); journaling is off for this "
+                f"run, which goes on"
             )
         )
 
