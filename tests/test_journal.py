@@ -418,3 +418,65 @@ def test_interrupt_keeps_the_values_of_chunks_back_during_cancel(tmp_path):
     assert "partial wrong: 0" in proc.stdout and "resumed wrong: 0" in proc.stdout, (
         proc.stdout + proc.stderr[-2000:]
     )
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    import shm_kernel_safe as sks
+
+    def slow(i):
+        time.sleep(0.05)
+        return i
+
+    sks.parallel_map(slow, range(2000), journal=sys.argv[1], backend="serial")
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_journal_in_use_by_another_process_is_refused(tmp_path):
+    path = str(tmp_path / "held.sksj")
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), path])
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(path)
+        with pytest.raises(sks.JournalError, match="in use"):
+            sks.parallel_map(_square, range(2000), journal=path, backend="serial")
+        with pytest.raises(sks.JournalError, match="in use"):
+            sks.discard_journal(path)
+        assert [j.in_use for j in sks.journals(str(tmp_path))] == [True]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert [j.in_use for j in sks.journals(str(tmp_path))] == [False]
+    sks.discard_journal(path)
+
+
+def _square(i: int) -> int:
+    return i * i
+
+
+def test_cleanup_command_removes_old_journals(tmp_path):
+    cache = tmp_path / "cache"
+    folder = cache / "shm_kernel_safe" / "journals"
+    folder.mkdir(parents=True)
+    old, new = folder / "old.sksj", folder / "new.sksj"
+    for p in (old, new):
+        p.write_bytes(jmod.SIGNATURE)
+    stamp = time.time() - 30 * 86400
+    os.utime(old, (stamp, stamp))
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    out = subprocess.run(
+        [sys.executable, "-m", "shm_kernel_safe", "cleanup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert f"removed journal {old}" in out, out
+    assert not old.exists() and new.exists()
