@@ -480,3 +480,38 @@ def test_cleanup_command_removes_old_journals(tmp_path):
     ).stdout
     assert f"removed journal {old}" in out, out
     assert not old.exists() and new.exists()
+
+
+def test_a_write_stopped_by_an_interrupt_is_recorded_by_the_last_flush(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of writing a record: the record is cut off, and
+    the run's last flush records its items and out= blocks after all."""
+    path = str(tmp_path / "w.sksj")
+    y = np.zeros(300 * 1000)
+
+    def f(i):
+        time.sleep(0.01)
+        y[i * 1000 : (i + 1) * 1000] = i + 1
+        return float(i)
+
+    real = jmod._write_all
+    calls = []
+
+    def interrupted_once(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:  # the first commit (the header was the first write)
+            real(fd, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        real(fd, data)
+
+    monkeypatch.setattr(jmod, "_write_all", interrupted_once)
+    with pytest.raises(KeyboardInterrupt) as info:
+        sks.parallel_map(f, range(300), out=y, journal=path, backend="serial")
+    monkeypatch.setattr(jmod, "_write_all", real)
+    assert len(calls) == 3  # header, the interrupted commit, the last flush
+    done = info.value.done
+    assert 0 < done.sum() < 300
+    np.testing.assert_array_equal(jmod.recorded_mask(path), done)
+    y[:] = 0  # a new kernel
+    r = sks.parallel_map(f, range(300), out=y, journal=path, backend="serial")
+    np.testing.assert_array_equal(r, np.arange(300.0))
+    np.testing.assert_array_equal(y, np.repeat(np.arange(1.0, 301.0), 1000))

@@ -71,6 +71,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -581,7 +582,7 @@ class Journal:
             return
         started = time.perf_counter()
         try:
-            commit, count = self._commit(run, outputs)
+            commit, count, written = self._commit(run, outputs)
             if stop and self.outputs:
                 commit["outputs_at_stop"] = [hexdigest(o) for o in self.outputs]
             if count or commit.get("outs") or stop:
@@ -590,6 +591,10 @@ class Journal:
         except Exception as exc:  # a journal never fails the run it records
             self._give_up(exc)
             return
+        # Only now that the record is on disk: what it holds counts as
+        # recorded. A write stopped by an interrupt leaves all of it to the
+        # next flush (the run's last), out= blocks included.
+        written()
         cost = time.perf_counter() - started
         self.interval = max(FLUSH_SECONDS, FLUSH_COST_FACTOR * cost)
         self.next_flush = time.monotonic() + self.interval
@@ -610,16 +615,20 @@ class Journal:
             raise
         self.end += len(record)
 
-    def _commit(self, run: Any, outputs: tuple[np.ndarray, ...] | None) -> tuple[dict, int]:
-        pending, self.pending = self.pending, []
+    def _commit(
+        self, run: Any, outputs: tuple[np.ndarray, ...] | None
+    ) -> tuple[dict, int, Callable[[], None]]:
+        """The next record, its count of items newly recorded, and what to
+        note once it is written (nothing here changes before that)."""
+        pending = list(self.pending)
+        prior_pending = list(self.prior_pending)
         positions = run.positions
         stacked_parts: list[tuple[np.ndarray, np.ndarray, str]] = []
         values: dict[int, Any] = {}
         newly: list[np.ndarray] = []
-        for extra, vals in self.prior_pending:
+        for extra, vals in prior_pending:
             values.update(zip(extra.tolist(), vals, strict=True))
             newly.append(extra)
-        self.prior_pending = []
         kind = _kind(run.first)
         for res, chunk in pending:
             if res.done <= 0:
@@ -645,19 +654,28 @@ class Journal:
             commit["stacked"] = stacked_parts
         if values:
             commit["values"] = values
-        count = 0
-        if newly:
-            idx = np.concatenate(newly)
-            fresh = ~self.recorded[idx]
-            count = int(fresh.sum())
-            self.recorded[idx] = True
+        idx = np.unique(np.concatenate(newly)) if newly else np.zeros(0, dtype=np.intp)
+        count = int((~self.recorded[idx]).sum())
+        hashed: list[tuple[int, int, int]] = []
         if outputs is not None:
-            outs = self._changed_blocks(outputs)
+            outs = self._changed_blocks(outputs, hashed)
             if outs:
                 commit["outs"] = outs
-        return commit, count
 
-    def _changed_blocks(self, outputs: tuple[np.ndarray, ...]) -> list:
+        def written() -> None:
+            del self.pending[: len(pending)]
+            del self.prior_pending[: len(prior_pending)]
+            self.recorded[idx] = True
+            for k, b, h in hashed:
+                self.hashes[k][b] = h
+
+        return commit, count, written
+
+    def _changed_blocks(
+        self, outputs: tuple[np.ndarray, ...], hashed: list[tuple[int, int, int]]
+    ) -> list:
+        """(array, offsets, bytes) of the blocks that changed since the last
+        record; their new hashes go to ``hashed``, noted once written."""
         found = []
         for k, arr in enumerate(outputs):
             flat = _flat_bytes(arr)
@@ -671,7 +689,7 @@ class Journal:
                 if xxhash.xxh3_64_intdigest(block) == hashes[b]:
                     continue
                 blob = bytes(block)  # what is recorded is what is hashed
-                hashes[b] = xxhash.xxh3_64_intdigest(blob)
+                hashed.append((k, b, xxhash.xxh3_64_intdigest(blob)))
                 offsets.append(b * BLOCK_BYTES)
                 blobs.append(blob)
             if offsets:
