@@ -56,8 +56,10 @@ What makes two runs the same run (the journal's *key*, in its header): the
 function's code (:func:`~.resume.fingerprint_function`), the items'
 fingerprint, the number of items, a digest of every value the function
 reads (its globals, closure and defaults; arrays by their XXH3-128 digest),
-and the shape, dtype and starting bytes of each ``out=`` array. A journal
-whose key differs says which part differs and is refused.
+and the shape, dtype and starting bytes of each ``out=`` array (or, run
+again in the same process, the bytes they held when the journaled run
+stopped, recorded by its last flush). A journal whose key differs says
+which part differs and is refused.
 """
 
 from __future__ import annotations
