@@ -9,37 +9,17 @@ import sys
 import tempfile
 import time
 
-import psutil
 import pytest
 
-from .helpers import SHM_DIR, foreign_owners, shm_entries
+from .helpers import SHM_DIR, foreign_owners, shm_entries, worker_children
 
 # Journals go to a folder of this session, never to the user's own cache;
 # kernels the tests start inherit it. The magic's default journal is off
 # here: these tests are about runs within one kernel (a journal would
-# refuse a cell run again with other inputs); tests/test_journal*.py turn
-# it on (SHM_KERNEL_SAFE_JOURNAL=1) for the kernels they start.
+# refuse a cell run again with other inputs); the journal tests turn it on
+# (SHM_KERNEL_SAFE_JOURNAL=1) for the kernels they start.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sks-test-cache-")
 os.environ["SHM_KERNEL_SAFE_JOURNAL"] = "0"
-
-# Long-lived helpers that multiprocessing / loky start once per parent and
-# that die with it; they are not leaks of a test.
-_INFRA_MARKERS = ("resource_tracker", "forkserver", "semaphore_tracker")
-
-
-def worker_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except psutil.Error:
-            continue
-        if any(m in cmd for m in _INFRA_MARKERS):
-            continue
-        out.append(child)
-    return out
 
 
 @pytest.fixture(autouse=True)
