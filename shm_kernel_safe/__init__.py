@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._malloc import tune_malloc
 from .api import last_errors, parallel_map, prestart
+from .engine.journal import JournalInfo, discard_journal, journals
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
@@ -18,6 +19,8 @@ from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     ItemsFailedWarning,
+    JournalError,
+    JournalWarning,
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
@@ -89,6 +92,9 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "ItemsFailedWarning",
+    "JournalError",
+    "JournalInfo",
+    "JournalWarning",
     "ParallelInterrupt",
     "ParallelTimeoutError",
     "PartialResults",
@@ -102,11 +108,13 @@ __all__ = [
     "TaskError",
     "WorkerDiedError",
     "cleanup_stale",
+    "discard_journal",
     "empty",
     "find_stale",
     "handle_of",
     "is_dangling",
     "is_protected",
+    "journals",
     "last_errors",
     "live_segments",
     "parallel_map",

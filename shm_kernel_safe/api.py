@@ -4,6 +4,7 @@ makes. It picks a transport by name and hands the run to the engine."""
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 
 from .displays import make_progress
 from .engine.callsite import warn_at_caller
+from .engine.journal import Journal
 from .engine.options import check_run
 from .engine.pickling import DEFAULT_THRESHOLD
 from .engine.run import ProgressCallback, Run
@@ -83,6 +85,8 @@ def parallel_map(
     item_timeout: float | None = None,
     resume: Any = None,
     threads_per_worker: int | None = None,
+    journal: str | os.PathLike | bool | None = None,
+    keep_journal: bool = False,
     **unknown: Any,
 ) -> np.ndarray | np.ma.MaskedArray | list:
     """Apply ``fn`` to every item in worker processes; results in item order.
@@ -172,6 +176,23 @@ def parallel_map(
         workers x threads <= CPUs. Applies to workers we start (the local
         pool, our dask ``LocalCluster``); this process's own BLAS is never
         changed, so ``backend="serial"`` ignores it.
+    journal : str, path or bool, optional
+        Record completed items (their results and the ``out=`` state) in a
+        file, so that the same call in a new process, after a crash or a
+        restart, runs only the items not recorded: it prints one line
+        (``resuming: 4380 of 8760 items recorded 12 min ago``) and returns
+        what an uninterrupted run returns. ``True`` keeps the file in the
+        per-user cache folder, named after the run; a path names it. The
+        journal must record this very run (the function's code, the items,
+        the values the function reads, the ``out=`` arrays' shapes and
+        starting contents), else :class:`JournalError`; a finished run's
+        journal is removed. A kill at any instant re-runs at most the
+        items of the last few seconds (see "Runs that outlive the kernel"
+        in ``docs/engine.md``). A disk
+        that fills turns journaling off with one :class:`JournalWarning`.
+    keep_journal : bool
+        Keep the journal of a finished run (a later identical call then
+        returns its results at once).
     **unknown
         Not accepted: names other libraries use (``n_jobs``, ``verbose``...)
         raise an :class:`InvalidArgumentTypeError` saying which of ours to use.
@@ -256,6 +277,11 @@ def parallel_map(
         transport_options=transport_options,
     )
     seq = args.items
+    opened = None
+    if journal is not None and journal is not False:
+        # Before the transport copies out= arrays: the recorded out= state
+        # is replayed into the caller's arrays here.
+        opened = Journal.open(journal, fn, seq, args.inputs.outputs, keep=bool(keep_journal))
     transport = transport_type.from_options(transport_options)
     _last.errors = None
     # A display made here (progress given as a mode) is ours to close, also
@@ -275,14 +301,19 @@ def parallel_map(
             retries=args.retries,
             item_timeout=args.item_timeout,
             resume=resume,  # checked, and merged once, by the run
+            journal=opened,
         )
         result = run.execute()
     except BaseException as exc:
+        if opened is not None:  # what the run completed stays recorded
+            opened.finish(run if "run" in locals() else None, ok=False)
         if display is not None:
             display.close(error=exc)
         raise
     finally:
         transport.release()
+    if opened is not None:
+        opened.finish(run, ok=True)
     if display is not None:
         display.close()
     if run.failed_items:

@@ -99,12 +99,22 @@ class Plan:
             return 1 + -(-self.n_items // self.chunksize)
         return 1 + len(guided_chunks(self.n_items, self.n_workers, first=1, min_chunk=1))
 
-    def cut_rest(self, probe_seconds: float, min_chunk_seconds: float) -> list[Chunk]:
-        """Chunks for items 1.. once the probe's time per item is known."""
+    def cut_rest(
+        self, probe_seconds: float, min_chunk_seconds: float, max_chunk_seconds: float = 0.0
+    ) -> list[Chunk]:
+        """Chunks for items 1.. once the probe's time per item is known.
+
+        ``max_chunk_seconds`` (when > 0 and the item time is known) caps a
+        chunk's work: a journaled run learns of completed items per chunk,
+        so that is the work a crash can cost per worker.
+        """
         floor = min_chunk_for(probe_seconds, self.n_items, self.n_workers, min_chunk_seconds)
         spans = guided_chunks(
             self.n_items, self.n_workers, chunksize=self.chunksize, first=1, min_chunk=floor
         )
+        if max_chunk_seconds > 0 and probe_seconds > 0 and self.chunksize is None:
+            cap = max(floor, int(max_chunk_seconds / probe_seconds))
+            spans = [(s, min(e, s + cap)) for a, b in spans for s in range(a, b, cap) for e in (b,)]
         rest = [Chunk(len(self.chunks) + k, s, e) for k, (s, e) in enumerate(spans)]
         self.chunks.extend(rest)
         return rest

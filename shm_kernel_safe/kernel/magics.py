@@ -23,6 +23,7 @@ from ..errors import (
     CellSyntaxError,
     DaskBackendError,
     InvalidArgumentError,
+    JournalError,
     ParallelInterrupt,
     _RemoteFailure,
 )
@@ -31,7 +32,7 @@ from ..memory.arrays import handle_of, label, share
 from ..memory.share_cache import cache as share_cache
 from ..transports.dask import cluster as dask_cluster
 from ..transports.local import pool
-from . import cells
+from . import cells, journaling
 
 _BACKEND_KWARG = re.compile(r"backend='(\w+)'")
 
@@ -174,6 +175,32 @@ class ShmMagics(Magics):
         "same variable, items, --out and --result) did not complete, and merge with what "
         "it kept",
     )
+    @argument(
+        "--journal",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="record completed items on disk, so that running the cell again (also in a new "
+        "kernel, after a crash or a restart) runs only the rest; on by default, in the "
+        "per-user cache folder; PATH names the file",
+    )
+    @argument(
+        "--no-journal",
+        action="store_true",
+        help="no journal (also: the environment variable SHM_KERNEL_SAFE_JOURNAL=0)",
+    )
+    @argument(
+        "--journal-reset",
+        action="store_true",
+        help="discard this cell's journal first: start from scratch",
+    )
+    @argument(
+        "--keep-journal",
+        action="store_true",
+        help="keep the journal when the run finishes (running the cell again then returns "
+        "its results without running anything)",
+    )
     @cell_magic
     def shm_parallel(self, line: str, cell: str) -> None:
         """Run the cell once per item, in worker processes, safely.
@@ -250,6 +277,7 @@ class ShmMagics(Magics):
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
         key = run_key(spec, args)
         prior = self._prior_run(key) if args.resume else None
+        journal = journaling.journal_for(args, key, line, fn, ns)
         try:
             result = parallel_map(
                 fn,
@@ -268,7 +296,11 @@ class ShmMagics(Magics):
                 item_timeout=args.item_timeout,
                 resume=prior,
                 threads_per_worker=args.threads,
+                journal=journal,
+                keep_journal=args.keep_journal,
             )
+        except JournalError as exc:
+            raise UsageError(journaling.refusal(exc)) from None
         except InvalidArgumentError as exc:
             if exc.argument == "client" and args.client and isinstance(exc, TypeError):
                 kind = type(client).__name__
@@ -278,7 +310,7 @@ class ShmMagics(Magics):
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
         except (_RemoteFailure, KeyboardInterrupt) as exc:
-            self._kept_on_failure(key, exc, args.result)
+            self._kept_on_failure(key, exc, args.result, journaled=journal is not None)
             raise
         failed = last_errors()
         if failed:
@@ -289,7 +321,9 @@ class ShmMagics(Magics):
             ns[args.result] = result
         return None
 
-    def _kept_on_failure(self, key: tuple, exc: BaseException, result: Any) -> None:
+    def _kept_on_failure(
+        self, key: tuple, exc: BaseException, result: Any, journaled: bool = False
+    ) -> None:
         """After a failed run: keep what completed, and say how to resume."""
         if getattr(exc, "done", None) is None:
             return
@@ -299,6 +333,11 @@ class ShmMagics(Magics):
         completed = int(exc.done.sum())  # type: ignore[attr-defined]
         total = len(exc.done)  # type: ignore[attr-defined]
         hint = "run the cell again with --resume to do only the rest"
+        if journaled:  # the journal resumes it, in this kernel or a new one
+            hint = (
+                "run the cell again to do only the rest: its journal keeps them "
+                "(--resume does the same in this kernel)"
+            )
         if isinstance(exc, _RemoteFailure):
             exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
         elif isinstance(exc, ParallelInterrupt):
@@ -442,15 +481,20 @@ class ShmMagics(Magics):
         print(f"Dask clusters: {len(clusters)}")
         for line in clusters:
             print(line)
+        for line in journaling.status_lines():
+            print(line)
 
     @line_magic
     def shm_cleanup(self, line: str = "") -> None:
-        """Remove segments left in /dev/shm by dead processes of this user."""
+        """Remove segments left in /dev/shm by dead processes of this user,
+        and journals of unfinished runs older than two weeks."""
         removed = janitor.cleanup_stale()
         if not removed:
             print("nothing to clean: no stale segments of this user")
         for seg in removed:
             print(f"removed {seg.name} ({human_bytes(seg.nbytes)}, owner pid {seg.owner_pid})")
+        for path in janitor.remove_old_journals():
+            print(f"removed journal {path} (older than {janitor.JOURNAL_MAX_AGE_DAYS} days)")
 
 
 def run_key(spec: cells.LoopSpec, args: Any) -> tuple:
