@@ -3,8 +3,10 @@ found them, and nothing may hang (pytest-timeout is set in pyproject)."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,6 +21,7 @@ from .helpers import SHM_DIR, foreign_owners, shm_entries, worker_children
 # refuse a cell run again with other inputs); the journal tests turn it on
 # (SHM_KERNEL_SAFE_JOURNAL=1) for the kernels they start.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sks-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 os.environ["SHM_KERNEL_SAFE_JOURNAL"] = "0"
 
 
