@@ -8,7 +8,7 @@ The library works without IPython: :func:`share`, :func:`empty`,
 from __future__ import annotations
 
 from ._malloc import tune_malloc
-from .api import last_errors, parallel_map, prestart
+from .api import imap, last_errors, parallel_map, prestart, status
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
@@ -23,12 +23,15 @@ from .errors import (
     PartialResults,
     PerformanceHint,
     ResumeFunctionChangedWarning,
+    RunCancelled,
+    RunFailed,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
     ShmKernelSafeError,
     TaskError,
     WorkerDiedError,
 )
+from .engine.background import RunHandle
 from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .memory.janitor import StaleSegment, cleanup_stale, find_stale
 from .memory.segments import live_segments
@@ -94,6 +97,9 @@ __all__ = [
     "PartialResults",
     "PerformanceHint",
     "ResumeFunctionChangedWarning",
+    "RunCancelled",
+    "RunFailed",
+    "RunHandle",
     "SegmentNotFoundError",
     "SharedArray",
     "SharedMemoryCapacityError",
@@ -105,6 +111,7 @@ __all__ = [
     "empty",
     "find_stale",
     "handle_of",
+    "imap",
     "is_dangling",
     "is_protected",
     "last_errors",
@@ -115,6 +122,7 @@ __all__ = [
     "share",
     "share_cache_limit",
     "shutdown_pools",
+    "status",
     "tune_malloc",
     "unprotect",
     "zeros",

@@ -16,10 +16,11 @@ trouble (a full ``/dev/shm`` is a ``MemoryError``, a bad argument a
         ├── InvalidArgumentError           (ValueError) checked before any process starts
         │   └── InvalidArgumentTypeError   (TypeError)
         ├── DaskBackendError               the dask backend cannot run
-        └── run failures, each with done/partial (PartialResults):
+        └── RunFailed                      a run stopped; with done/partial (PartialResults)
             ├── TaskError                  an item raised
             ├── WorkerDiedError            a worker died (segfault, OOM kill, os._exit)
-            └── ParallelTimeoutError       (TimeoutError) timeout= passed
+            ├── ParallelTimeoutError       (TimeoutError) timeout= passed
+            └── RunCancelled               cancel() of a run handle, %shm_cancel
     KeyboardInterrupt
     └── ParallelInterrupt                  Ctrl-C / kernel interrupt, with done/partial
     UserWarning
@@ -181,12 +182,24 @@ class PartialResults:
     run = None
 
 
-class _RemoteFailure(PartialResults, ShmKernelSafeError):
-    """Failures that happened in another process.
+class RunFailed(PartialResults, ShmKernelSafeError):
+    """A run stopped before completing every item; the base of its errors.
+
+    Catch this to handle every way a run can fail on purpose (an item that
+    raised, a dead worker, a timeout, a cancel) in one place; each carries
+    what completed (``done``, ``partial``, see :class:`PartialResults`), and
+    ``resume=exc`` runs the rest. An interrupt is a ``KeyboardInterrupt``
+    instead (:class:`ParallelInterrupt`).
 
     IPython calls ``_render_traceback_`` (as for ipyparallel's RemoteError)
     and shows its lines instead of the local stack, which would only show
     engine internals: the user sees the item and the remote traceback.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> issubclass(sks.TaskError, sks.RunFailed)
+    True
     """
 
     #: Set by the front end (the magic) to say how to resume in its own terms.
@@ -204,7 +217,7 @@ class _RemoteFailure(PartialResults, ShmKernelSafeError):
         return head
 
 
-class TaskError(_RemoteFailure):
+class TaskError(RunFailed):
     """A task raised: names the item and carries the remote traceback.
 
     ``__cause__`` is the original exception when it could be pickled back.
@@ -264,7 +277,7 @@ class TaskError(_RemoteFailure):
         super().__init__(text)
 
 
-class WorkerDiedError(_RemoteFailure):
+class WorkerDiedError(RunFailed):
     """A worker process died (segfault, os._exit, OOM kill) during a call.
 
     The pool is replaced; carries what completed (``done``, ``partial``).
@@ -283,11 +296,24 @@ class WorkerDiedError(_RemoteFailure):
         super().__init__(message)
 
 
-class ParallelTimeoutError(_RemoteFailure, TimeoutError):
+class ParallelTimeoutError(RunFailed, TimeoutError):
     """A call ran past its ``timeout=``; its workers were stopped.
 
     Also a ``TimeoutError``; carries what completed (``done``, ``partial``).
     """
+
+
+class RunCancelled(RunFailed):
+    """A run was cancelled (``handle.cancel()``, ``%shm_cancel``, breaking
+    out of :func:`~shm_kernel_safe.imap`); its workers stopped.
+
+    Raised by the handle's ``result()``; carries what completed (``done``,
+    ``partial``), so ``parallel_map(..., resume=exc)`` runs the rest.
+    """
+
+
+#: The name this base had while it was private; kept for code that caught it.
+_RemoteFailure = RunFailed
 
 
 class ParallelInterrupt(PartialResults, KeyboardInterrupt):
