@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._malloc import tune_malloc
 from .api import imap, last_errors, parallel_map, prestart, status
+from .engine.background import RunHandle
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
@@ -31,7 +32,6 @@ from .errors import (
     TaskError,
     WorkerDiedError,
 )
-from .engine.background import RunHandle
 from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
 from .memory.janitor import StaleSegment, cleanup_stale, find_stale
 from .memory.segments import live_segments
