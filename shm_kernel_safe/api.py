@@ -28,6 +28,9 @@ BACKENDS = tuple(registry.TRANSPORTS)
 _last = threading.local()  # the failed items of this thread's last call
 
 
+__all__ = ["BACKENDS", "RunHandle", "imap", "last_errors", "parallel_map", "prestart", "status"]
+
+
 def last_errors() -> FailedItems:
     """The errors of the failed items of this thread's last :func:`parallel_map` call.
 

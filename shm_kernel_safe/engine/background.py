@@ -126,8 +126,17 @@ class RunHandle:
         return self
 
     def report(self, done: int, total: int) -> None:
-        """The run's progress callback (its thread): remember how far it got."""
+        """The run's progress callback (its thread, about ten times a second):
+        remember how far it got, and stop when the interpreter exits.
+
+        At exit, executors' hooks (loky's, like concurrent.futures') run
+        before ``atexit`` and wait for every queued chunk; ``threading``
+        flags its shutdown before they run, so the run sees it here and
+        cancels, and those hooks find nothing left to wait for.
+        """
         self._seen = done
+        if _exiting():
+            self._run.cancel()
 
     def _main(self) -> None:
         try:
@@ -340,6 +349,14 @@ class RunHandle:
                 if not self._finished.is_set():
                     self._run.lock.wait(poll)
         self.result()  # the run's error, or the warning for failed items
+
+
+def _exiting() -> bool:
+    """Whether the interpreter has begun to exit (``threading``'s own flag,
+    set before its exit hooks run; the main thread stops only after them)."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False)) or (
+        not threading.main_thread().is_alive()
+    )
 
 
 def running() -> list[RunHandle]:
