@@ -99,6 +99,10 @@ class RunHandle:
     array([3, 2, 1, 0, 1, 2])
     """
 
+    #: Spyder's Variable Explorer shows the repr as this value's row
+    #: (``kernel.placeholder_display``); it shows no repr of unknown types.
+    _shm_kernel_safe_row_ = True
+
     def __init__(self, run: Run, body: Callable[[], Any], name: str | None = None) -> None:
         self.name = name
         self.end_note: str | None = None

@@ -366,10 +366,7 @@ class Run:
             if errors:
                 raise min(errors, key=lambda e: e.index)
             if self.cancel_requested:
-                raise RunCancelled(
-                    f"cancelled after {int(self.done.sum())} of {self.n_items} items; their "
-                    f"results are kept (exc.partial), parallel_map(..., resume=exc) runs the rest"
-                )
+                raise RunCancelled()  # worded by _stopped, once what was running is kept
             self.show_progress()
             if self.item_timeout is not None:
                 self._stop_overdue_items()
@@ -500,6 +497,11 @@ class Run:
             exc = ParallelInterrupt(
                 f"interrupted after {done} of {self.n_items} items; their results are kept "
                 f"(exc.partial), parallel_map(..., resume=exc) runs the rest"
+            )
+        if isinstance(exc, RunCancelled) and not exc.args:
+            exc.args = (
+                f"cancelled after {int(self.done.sum())} of {self.n_items} items; their "
+                f"results are kept (exc.partial), parallel_map(..., resume=exc) runs the rest",
             )
         if isinstance(exc, PartialResults):
             with self.lock:

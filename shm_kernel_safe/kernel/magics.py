@@ -368,8 +368,9 @@ class ShmMagics(Magics):
                 self._kept_on_failure(key, exc, name)
                 kept = f"; {name} holds the partial results (masked where not done)" if name else ""
                 what = str(exc).splitlines()[0] if str(exc) else ""
+                why = "" if handle.state == "cancelled" or not what else f" ({what})"
                 print(
-                    f"{label}: {handle.summary()}: {type(exc).__name__}: {what}{kept}; "
+                    f"{label}: {handle.summary()}{why}{kept}; "
                     f"run the cell again with --resume to do only the rest"
                 )
                 continue
