@@ -58,7 +58,7 @@ def until(client, expr: str, what: str) -> None:
 
 def test_other_cells_run_during_a_background_cell_and_name_becomes_the_result():
     before = shm_entries()
-    with kernel("ipykernel") as (km, client):
+    with kernel("ipykernel") as (_km, client):
         assert execute(client, SETUP + "counts, states = [], []")["status"] == "ok"
         res = execute(client, BACKGROUND_CELL)
         assert res["status"] == "ok", res
@@ -135,7 +135,7 @@ def test_kernel_shutdown_mid_run_leaves_nothing():
     """The ``kernel`` helper shuts the kernel down as frontends do and fails
     on any process left of it; /dev/shm must be as it was."""
     before = shm_entries()
-    with kernel("ipykernel") as (km, client):
+    with kernel("ipykernel") as (_km, client):
         assert execute(client, SETUP)["status"] == "ok"
         cell = BACKGROUND_CELL.replace("range(200)", "range(100_000)").replace("--out y ", "")
         assert execute(client, cell)["status"] == "ok"
