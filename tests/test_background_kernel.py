@@ -176,3 +176,38 @@ def test_spyder_variable_explorer_refreshes_during_a_background_run():
         assert evaluate(client, "bool(np.array_equal(r, np.arange(200) ** 2.0))") == "True"
         assert evaluate(client, "bool(np.array_equal(y, 2.0 * np.arange(200)))") == "True"
     assert shm_entries() == before
+
+
+def test_the_widget_bar_stays_under_the_launching_cell_and_says_where_results_go():
+    """In JupyterLab the bar is shown by the launching cell, which returns
+    at once; the run's thread keeps updating it, and its last line says
+    when ``r`` holds the results."""
+    with kernel("ipykernel", env={"JPY_SESSION_NAME": "weather.ipynb"}) as (_km, client):
+        assert execute(client, SETUP)["status"] == "ok"
+        msg_id = client.execute(BACKGROUND_CELL)
+        views, styles, labels, values = 0, [], [], []
+        idle_before_end = None
+        deadline = time.monotonic() + GUARD
+        while idle_before_end is None or "success" not in styles:
+            assert time.monotonic() < deadline, "hang guard: the bar's end"
+            msg = client.get_iopub_msg(timeout=GUARD)
+            ours = msg["parent_header"].get("msg_id") == msg_id
+            content = msg["content"]
+            if ours and msg["msg_type"] == "display_data":
+                views += "application/vnd.jupyter.widget-view+json" in content["data"]
+            if ours and msg["msg_type"] == "status" and content["execution_state"] == "idle":
+                idle_before_end = "success" not in styles
+            if msg["msg_type"] == "comm_msg":
+                state = content["data"].get("state", {})
+                if "bar_style" in state:
+                    styles.append(state["bar_style"])
+                if isinstance(state.get("value"), str):
+                    labels.append(state["value"])
+                elif isinstance(state.get("value"), int):
+                    values.append(state["value"])
+        assert idle_before_end, "the launching cell waited for the run"
+        assert views == 1
+        assert max(values) == 200 and len(set(values)) > 2, values
+        assert "r holds the results from the next cell on" in labels[-1], labels[-1]
+        assert execute(client, "pass")["status"] == "ok"
+        assert evaluate(client, "bool(np.array_equal(r, np.arange(200) ** 2.0))") == "True"

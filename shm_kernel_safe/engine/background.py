@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,7 @@ class RunHandle:
         self._error: BaseException | None = None
         self._finished = threading.Event()
         self._warned = False
+        self._warnings: list[tuple] = []  # warnings issued on the run's thread, held back
         self._started = time.monotonic()
         self._ended: float | None = None
         self._thread = threading.Thread(
@@ -126,6 +128,7 @@ class RunHandle:
         """Start the run's thread (once); the handle, for chaining."""
         with _lock:
             _running[self._run.id] = self
+        _hold_back_warnings()
         self._thread.start()
         return self
 
@@ -192,6 +195,7 @@ class RunHandle:
         """
         if not self._finished.wait(timeout):
             raise TimeoutError(f"the run did not end within {timeout} s: {self!r}")
+        self.show_warnings()
         if self._error is not None:
             raise self._error
         failed = self._run.failed_items
@@ -199,6 +203,14 @@ class RunHandle:
             self._warned = True
             warn_at_caller(ItemsFailedWarning(failed.summary(), failed))
         return self._outcome
+
+    def show_warnings(self) -> None:
+        """Show, once, the warnings the run issued on its thread (a
+        ``PerformanceHint``, a worker's warning): held back while it ran so
+        that they never land in the output of another cell."""
+        held, self._warnings = self._warnings, []
+        for args in held:
+            warnings.showwarning(*args)
 
     def cancel(self) -> bool:
         """Stop the run, keeping what completed; returns once its workers stopped.
@@ -353,6 +365,29 @@ class RunHandle:
                 if not self._finished.is_set():
                     self._run.lock.wait(poll)
         self.result()  # the run's error, or the warning for failed items
+
+
+def _hold_back_warnings() -> None:
+    """Route warnings issued on a run's thread to its handle (see
+    :meth:`RunHandle.show_warnings`); other threads' go on as before. The
+    filters have run when ``showwarning`` is called, so what is held back
+    is what would have been shown. Installed again when someone replaced
+    it since (``warnings.catch_warnings`` restores what it found)."""
+    with _lock:
+        current = warnings.showwarning
+        if getattr(current, "_shm_kernel_safe_", False):
+            return
+
+        def showwarning(*args: Any, **kwargs: Any) -> None:
+            thread = threading.current_thread()
+            handle = next((h for h in running() if h._thread is thread), None)
+            if handle is None:
+                current(*args, **kwargs)
+            else:
+                handle._warnings.append(args[:4])
+
+        showwarning._shm_kernel_safe_ = True  # type: ignore[attr-defined]
+        warnings.showwarning = showwarning
 
 
 def _exiting() -> bool:

@@ -518,9 +518,9 @@ class ShmMagics(Magics):
 
     @line_magic
     def shm_status(self, line: str = "") -> None:
-        """Shared-memory segments of this kernel, stale ones, cached copies of
-        ordinary arrays, warm pools (with their BLAS threads per worker) and
-        dask clusters."""
+        """Background runs (name, progress, time left), shared-memory segments
+        of this kernel, stale ones, cached copies of ordinary arrays, warm
+        pools (with their BLAS threads per worker) and dask clusters."""
         runs = status()["runs"]
         print(f"Background runs: {len(runs)}")
         for run in runs:
