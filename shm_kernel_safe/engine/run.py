@@ -32,8 +32,8 @@ any error are ``done`` and the values it marks.
 A run may wait on another thread than its caller's (a background run,
 ``engine.background``): the ledger is then read by the caller while it is
 fed, so every change to it and every read from outside (:meth:`Run.snapshot`,
-:meth:`Run.new_values`) holds ``Run.lock``, which is never held while the
-transport runs or waits. :meth:`Run.cancel` may be called from any thread:
+:meth:`Run.new_values`) holds ``Run.lock``; the transport waits, and items
+run (serial), without it. :meth:`Run.cancel` may be called from any thread:
 the wait loop notices it within ``POLL_INTERVAL`` (the serial transport
 between items) and ends with :class:`RunCancelled`.
 
