@@ -13,6 +13,8 @@ import time
 import psutil
 import pytest
 
+from shm_kernel_safe.memory.naming import parse_name
+
 from .helpers import SHM_DIR, shm_entries
 from .kernels import execute, kernel
 
@@ -85,9 +87,11 @@ def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, use, tmp
     before = shm_entries()
     semaphores = {e for e in os.listdir(SHM_DIR) if e.startswith("sem.")}
     errors = []
+    kernels: dict[int, object] = {}  # pid -> exit code, to name a leak's owner
     for delay in DELAYS:
         log = tmp_path / f"kernel-stderr-{delay}.txt"
         with open(log, "w") as fh, kernel("ipykernel", stderr=fh) as (km, client):
+            process = km.provisioner.process
             execute(client, "%load_ext shm_kernel_safe\nimport time\nimport numpy as np")
             execute(client, "x = np.ones((200_000, 16))")  # 25.6 MB
             error, streams = _interrupted_cell(km, client, cell, delay)
@@ -99,10 +103,13 @@ def test_interrupt_during_cold_start_is_quiet_and_leaks_nothing(method, use, tmp
             assert res["status"] == "ok", (delay, res)
             assert "Traceback" not in res["stderr"], (delay, res["stderr"])
             assert km.is_alive()
+        kernels[process.pid] = process.poll()  # negative: killed at shutdown
         text = log.read_text()
         assert "Traceback" not in text, (delay, text)
         assert "leaked" not in text, (delay, text)
         assert "KeyboardInterrupt" not in text, (delay, text)
     assert errors.count(None) < len(DELAYS)  # the interrupts met running cells
-    assert shm_entries() == before
+    left = shm_entries() - before
+    owners = {name: getattr(parse_name(name), "pid", None) for name in left}
+    assert not left, f"left {owners}; kernels (pid: exit code) {kernels}"
     assert {e for e in os.listdir(SHM_DIR) if e.startswith("sem.")} <= semaphores

@@ -8,6 +8,7 @@ not stack, failed items with and without ``errors="continue"``).
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -17,7 +18,15 @@ from shm_kernel_safe.engine.protocol import Payload
 from shm_kernel_safe.memory.arrays import empty, handle_of
 from shm_kernel_safe.transports.local import control, sharing
 from shm_kernel_safe.transports.local.control import ControlBlock
-from shm_kernel_safe.transports.local.worker import MISFIT, ChunkTask, read_log, run_chunk
+from shm_kernel_safe.transports.local.worker import (
+    FAILED,
+    FLUSH_SECONDS,
+    MISFIT,
+    VALUES,
+    ChunkTask,
+    read_log,
+    run_chunk,
+)
 
 
 def item(i: int) -> float:
@@ -39,8 +48,10 @@ def chunk_of():
         keep_going: bool = False,
         track_time: bool = False,
         ledger: str | None = None,
+        fn=item,
+        stacked: bool = True,
     ):
-        data, report = sharing.dumps(Payload(item, range(20)))
+        data, report = sharing.dumps(Payload(fn, range(20)))
         buf = empty(len(data), dtype=np.uint8)
         buf[:] = np.frombuffer(data, dtype=np.uint8)
         ctrl = ControlBlock.create(4)
@@ -55,8 +66,8 @@ def chunk_of():
             1,
             start,
             stop,
-            handle_of(out),
-            float,
+            handle_of(out) if stacked else None,
+            float if stacked else None,
             keep_going,
             track_time,
             ledger,
@@ -124,3 +135,74 @@ def test_a_chunk_times_its_items_not_the_warning_recorder(monkeypatch):
     result = chunk_loop.run_items(abs, [-1], 0, 1, ChunkResult(0))
     assert time.perf_counter() - t0 >= 1.0 and result.done == 1
     assert result.seconds < 1.0
+
+
+def slow_pair(i: int) -> tuple[int, str]:
+    """A result that does not stack, a third of FLUSH_SECONDS of work."""
+    time.sleep(FLUSH_SECONDS / 3)
+    if i == 13:
+        raise ValueError("thirteen")
+    return (i, "x" * i)
+
+
+def logged_values(ledger: str, row, failed: set[int] | None = None) -> dict[int, object]:
+    """Values logged in runs; the indices of logged failures go in ``failed``."""
+    values = {}
+    for index, kind, obj in read_log(f"{ledger}1", int(row[control.LOG_END])):
+        if kind == FAILED and failed is not None:
+            failed.add(index)
+            continue
+        assert kind == VALUES
+        for k, value in enumerate(obj):
+            values[index + k] = value
+    return values
+
+
+def test_results_that_do_not_stack_are_logged_in_runs_before_they_are_saved(chunk_of, tmp_path):
+    # What the parent salvages from a dead worker's chunk is items
+    # start .. start + SAVED - 1, read from the log: each must be there, with
+    # its value, and the log holds runs of values, not a record per item.
+    ledger = str(tmp_path / "ledger-")
+    result, row, _ = chunk_of(0, 12, ledger=ledger, fn=slow_pair, stacked=False)
+    assert result.done == 12 and row[control.DONE] == 12
+    saved = int(row[control.SAVED])
+    assert 0 < saved <= 12
+    values = logged_values(ledger, row)
+    assert sorted(values)[:saved] == list(range(saved))
+    assert all(values[i] == (i, "x" * i) for i in range(saved))
+    records = read_log(f"{ledger}1", int(row[control.LOG_END]))
+    assert len(records) < saved  # runs, one per FLUSH_SECONDS of work
+    assert result.values == [slow_pair(i) for i in range(12)]
+
+
+def test_a_short_chunk_of_results_that_do_not_stack_writes_no_log(chunk_of, tmp_path):
+    ledger = str(tmp_path / "ledger-")
+    result, row, _ = chunk_of(0, 5, ledger=ledger, fn=lambda i: (i,), stacked=False)
+    assert result.values == [(i,) for i in range(5)] and row[control.DONE] == 5
+    assert row[control.SAVED] == 0 and row[control.LOG_END] == 0
+    assert not list(tmp_path.iterdir())  # no file: the result message is enough
+
+
+def test_a_failed_item_keeps_its_place_in_the_logged_runs(chunk_of, tmp_path):
+    ledger = str(tmp_path / "ledger-")
+    result, row, _ = chunk_of(10, 20, ledger=ledger, fn=slow_pair, stacked=False, keep_going=True)
+    assert set(result.failed) == {13} and result.done == 10 and result.values[3] is None
+    saved, failed = int(row[control.SAVED]), set()
+    values = logged_values(ledger, row, failed)
+    assert failed == {13}  # logged at once, whatever was saved
+    for i in range(10, 10 + saved):
+        assert values[i] == (None if i == 13 else (i, "x" * i))
+
+
+def test_a_value_that_cannot_be_logged_leaves_the_rest_of_its_run(chunk_of, tmp_path):
+    def odd(i):
+        time.sleep(FLUSH_SECONDS / 3)
+        # a generator pickles with neither pickle nor cloudpickle
+        return (j for j in range(i)) if i == 2 else (i,)
+
+    ledger = str(tmp_path / "ledger-")
+    _, row, _ = chunk_of(0, 12, ledger=ledger, fn=odd, stacked=False)
+    saved = int(row[control.SAVED])
+    values = logged_values(ledger, row)
+    assert saved > 3 and 2 not in values
+    assert all(values[i] == (i,) for i in range(saved) if i != 2)

@@ -222,3 +222,20 @@ def test_segments_are_private_to_this_user():
     name = sks.handle_of(arr).name
     mode = os.stat(f"/dev/shm/{name}").st_mode & 0o777
     assert mode == 0o600, oct(mode)
+
+
+@pytest.mark.parametrize("where", ["_advised", "_register"])
+def test_interrupt_while_a_segment_is_made_leaves_no_name(where, monkeypatch):
+    """ "Interrupt kernel" can land anywhere, also between the moment a name
+    exists in /dev/shm and the moment it is registered (where exit and kernel
+    shutdown find it): the name must go with the exception."""
+    from shm_kernel_safe.memory import segments
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(segments, where, interrupted)
+    before = shm_entries()
+    with pytest.raises(KeyboardInterrupt):
+        Segment.create(1 << 16)
+    assert shm_entries() == before

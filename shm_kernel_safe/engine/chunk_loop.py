@@ -62,6 +62,7 @@ def run_items(
         ``seconds`` and ``values``.
     """
     values: list | None = [] if keep is None else None
+    result.values = values  # filled as items complete: ``tick`` may read it
     result.source = (items, start, keep_going)
     done = 0
     # Warnings are recorded (once per chunk and location, with their item)

@@ -91,17 +91,30 @@ class Segment:
         if nbytes < 0:
             raise ValueError(f"segment size must be >= 0, got {nbytes}")
         capacity.check_capacity(nbytes)
-        for _ in range(16):
-            name = naming.new_name()
-            try:
-                mapping = _create_mapping(name, nbytes)
-            except FileExistsError:
-                continue
-            break
-        else:  # pragma: no cover - 64 random bits collided 16 times
-            raise FileExistsError("could not find a free shared-memory name")
-        seg = cls(name, nbytes, mapping, owner=True)
-        _register(seg, mapping, description)
+        # From the moment the name may exist until it is registered (where
+        # exit and kernel shutdown find it), an asynchronous exception (the
+        # KeyboardInterrupt of "Interrupt kernel") would leak it in /dev/shm:
+        # the whole span is one try, and ``created`` is set before the call
+        # that makes the name (a store is no point where a signal is raised).
+        created = None
+        try:
+            for _ in range(16):
+                created = naming.new_name()
+                try:
+                    mapping = _create_mapping(created, nbytes)
+                except FileExistsError:
+                    created = None  # someone else's name: never unlinked here
+                    continue
+                break
+            else:  # pragma: no cover - 64 random bits collided 16 times
+                raise FileExistsError("could not find a free shared-memory name")
+            seg = cls(created, nbytes, mapping, owner=True)
+            _register(seg, mapping, description)
+        except BaseException:
+            if created is not None:
+                with contextlib.suppress(OSError):
+                    unlink_name(created)
+            raise
         return seg
 
     @classmethod

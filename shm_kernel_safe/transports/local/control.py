@@ -7,13 +7,17 @@ was a dead worker on" cost no message at all:
   items (on a task error, a timeout or an interrupt);
 * one row per chunk: pid of the worker running it, items done, state,
   (when the run has an item timeout) when its current item started, in
-  milliseconds of the system-wide monotonic clock, and how many bytes of
-  the chunk's log are complete (``worker.Log``).
+  milliseconds of the system-wide monotonic clock, how many bytes of the
+  chunk's log are complete (``worker.Log``) and how many items it saved.
 
-``DONE`` is the ledger's source: items ``start .. start + DONE - 1`` of a
-chunk completed, and their results and ``out=`` writes are where the parent
-finds them (the stacked array, the log, the arrays), even when the worker
-died before its chunk's result message was sent.
+``DONE`` counts the items a chunk processed (progress; the item at
+``start + DONE`` is the one its worker runs). It is also the ledger's
+source where results stack: items ``start .. start + DONE - 1`` completed,
+and their results and ``out=`` writes are where the parent finds them (the
+stacked array, the arrays), even when the worker died before its chunk's
+result message was sent. Where results do not stack, ``SAVED`` is: the
+items whose results are in the chunk's log (``worker.Log``), which trails
+``DONE`` by at most ``worker.FLUSH_SECONDS`` of work.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from ...memory.arrays import empty
 
 CANCEL = 0
 HEADER = 8
-ROW = 5
-PID, DONE, STATE, ITEM_STARTED, LOG_END = 0, 1, 2, 3, 4
+ROW = 6
+PID, DONE, STATE, ITEM_STARTED, LOG_END, SAVED = 0, 1, 2, 3, 4, 5
 # LOADING: a worker took the chunk and loads the call's payload; RUNNING: it
 # runs items. Only RUNNING counts as progress for the stall check.
 PENDING, RUNNING, FINISHED, LOADING = 0, 1, 2, 3

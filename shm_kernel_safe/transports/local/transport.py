@@ -42,10 +42,11 @@ from .control import (
     LOG_END,
     PID,
     RUNNING,
+    SAVED,
     STATE,
     ControlBlock,
 )
-from .worker import FAILED, MISFIT, VALUE, ChunkTask, read_log, run_chunk
+from .worker import FAILED, MISFIT, VALUES, ChunkTask, read_log, run_chunk
 
 #: Seconds chunks may wait with no worker running any of them before the
 #: run ends as stalled: far above a cold start under load (a few seconds).
@@ -316,8 +317,9 @@ class LocalTransport(Transport):
         for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
             if index >= stop:
                 continue
-            if kind == VALUE and res.values is not None:
-                res.values[index - chunk.start] = obj
+            if kind == VALUES and res.values is not None:
+                for k, value in enumerate(obj[: stop - index]):
+                    res.values[index - chunk.start + k] = value
             elif kind == MISFIT:
                 res.misfits[index] = obj
             elif kind == FAILED:
@@ -463,8 +465,11 @@ class LocalTransport(Transport):
         )
 
     def _row_done(self, number: int) -> int:
+        """Items of chunk ``number`` completed with their results where the
+        parent finds them without the chunk's message (see ``control``)."""
         block, row = self.rows[number]
-        return int(self.blocks[block][0].table[row, DONE])
+        slot = SAVED if number in self.unstacked else DONE
+        return int(self.blocks[block][0].table[row, slot])
 
 
 def _spans(chunks: list[Chunk]) -> str:

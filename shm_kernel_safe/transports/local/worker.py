@@ -52,9 +52,12 @@ class Log:
     """A chunk's log of what only a message would otherwise carry.
 
     Results that do not stack, results that do not fit the stacked array and
-    (with ``errors="continue"``) items' errors are appended here, each as
-    one record (item index, kind, pickled object), before the item is
-    counted in the control block. The file is memory-mapped: a record is a
+    (with ``errors="continue"``) items' errors are appended here, as records
+    (item index, kind, pickled object), before the items are counted in the
+    control block. Results that do not stack go in runs (``VALUES``: the
+    list of the results of items ``index, index + 1, ...``), one record per
+    :data:`FLUSH_SECONDS` of work: a pickle call per item would cost more
+    than a tiny item itself. The file is memory-mapped: a record is a
     memcpy, never a message or a system call, and it survives the worker's
     death (the pages belong to the file). The parent reads it when the
     worker died before its chunk came back, so what it completed is kept.
@@ -74,15 +77,16 @@ class Log:
         self.end = 0
 
     def add(self, index: int, kind: int, obj: Any) -> None:
-        try:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            try:  # what the result message carries too: lambdas, local classes
-                data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                # Not logged: the chunk's result message turns it into its
-                # item's error (ChunkResult.make_sendable).
-                return
+        data = _pickled(obj)
+        if data is None:
+            # A run with one value that does not pickle: each value on its
+            # own, so only that one is missing from the log (the chunk's
+            # result message turns it into its item's error, see
+            # ChunkResult.make_sendable).
+            if kind == VALUES and len(obj) > 1:
+                for k, value in enumerate(obj):
+                    self.add(index + k, VALUES, [value])
+            return
         at = self.end + 16
         stop = at + len(data)
         if stop > self.size:
@@ -112,7 +116,24 @@ class Log:
 
 
 #: Kinds of log records.
-VALUE, MISFIT, FAILED = 0, 1, 2
+VALUES, MISFIT, FAILED = 0, 1, 2
+
+#: Results that do not stack are logged once per this many seconds of a
+#: chunk's work: the most work a worker killed from outside loses (those
+#: items run again). Chunks are sized to at least twice this (the local
+#: transport's ``min_chunk_seconds``), so a log costs one file per chunk
+#: at most, a few percent of it, and none for short chunks.
+FLUSH_SECONDS = 0.002
+
+
+def _pickled(obj: Any) -> bytes | None:
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        try:  # what the result message carries too: lambdas, local classes
+            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None
 
 
 class _LoggedDict(dict):
@@ -217,7 +238,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     # the extra pickling is the workers', in parallel, and the parent's
     # per-item cost stays that of one message per chunk.
     keep: Callable[[int, Any], None] | None = None
-    kept: dict[int, Any] | None = None
+    logged: _RunLogger | None = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
@@ -254,11 +275,10 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
             tick = None  # type: ignore[assignment]
 
     elif log is not None:
-        kept = {}
-
-        def keep(i: int, value: Any) -> None:
-            log.add(i, VALUE, value)
-            kept[i] = value
+        # run_items collects the values (None for a failed item) in
+        # ``result.values``; ``tick`` counts each, and logs them in runs.
+        logged = _RunLogger(log, result, task.start, ctrl, row + control.SAVED, tick)
+        tick = logged.tick
 
     if log is not None and task.keep_going:
         result.failed = _LoggedDict(log)
@@ -276,10 +296,50 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     if log is not None:
         log.close()
         result.failed = dict(result.failed)
-    if kept is not None:  # None where an item failed, as run_items' own list
-        result.values = [kept.get(i) for i in range(task.start, task.start + result.done)]
     ctrl[row + control.STATE] = control.FINISHED
     return result
+
+
+class _RunLogger:
+    """Logs a chunk's results that do not stack in runs, and says how many.
+
+    ``tick`` runs after each item: it counts the item (``count``, the
+    chunk's own progress callback) and, once per :data:`FLUSH_SECONDS` of
+    the chunk's work, appends the values since the last run to the log and
+    then publishes how many items are saved (the control block's ``SAVED``
+    slot, the parent's ledger for this chunk if its worker dies). A chunk
+    shorter than that writes no log at all: its result message is enough.
+    """
+
+    __slots__ = ("count", "ctrl", "flushed", "log", "next_flush", "result", "saved_slot", "start")
+
+    def __init__(
+        self,
+        log: Log,
+        result: ChunkResult,
+        start: int,
+        ctrl: memoryview,
+        saved_slot: int,
+        count: Callable[[], None],
+    ) -> None:
+        self.log, self.result, self.start, self.count = log, result, start, count
+        self.ctrl, self.saved_slot = ctrl, saved_slot
+        self.flushed = 0
+        self.next_flush = time.perf_counter() + FLUSH_SECONDS
+
+    def tick(self) -> None:
+        self.count()
+        if time.perf_counter() >= self.next_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        values = self.result.values
+        n = len(values) if values is not None else 0
+        if n > self.flushed:
+            self.log.add(self.start + self.flushed, VALUES, values[self.flushed : n])
+            self.flushed = n
+            self.ctrl[self.saved_slot] = n  # after the record
+        self.next_flush = time.perf_counter() + FLUSH_SECONDS
 
 
 def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> bool:
