@@ -219,9 +219,9 @@ class Run:
                     stacked = transport.stack_results(value, self.n_items)
                     with self.lock:
                         self.first, self.stacked = value, stacked
-                self._run_chunks(
-                    plan.cut_rest(seconds, transport.min_chunk_seconds, self.chunk_seconds)
-                )
+                with self.lock:  # readers map results to chunks through the plan
+                    rest = plan.cut_rest(seconds, transport.min_chunk_seconds, self.chunk_seconds)
+                self._run_chunks(rest)
         except BaseException as exc:
             raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
