@@ -212,3 +212,24 @@ def test_the_widget_bar_stays_under_the_launching_cell_and_says_where_results_go
         assert styles[-1] == "success" and "<b>done</b>" in labels[-1], (styles, labels[-1])
         assert execute(client, "pass")["status"] == "ok"
         assert evaluate(client, "bool(np.array_equal(r, np.arange(200) ** 2.0))") == "True"
+
+
+def test_a_failed_background_cell_says_so_at_the_next_cell_and_resumes():
+    before = shm_entries()
+    with kernel("ipykernel") as (_km, client):
+        assert execute(client, SETUP + "fixed = False")["status"] == "ok"
+        cell = (
+            "%%shm_parallel nn in range(100) -n 2 -r r --background\n"
+            "if nn == 70 and not fixed:\n    raise ValueError('bad hour')\nfloat(nn)\n"
+        )
+        assert execute(client, cell)["status"] == "ok"
+        until(client, "isinstance(r, np.ndarray) or r.done()", "the run's end")
+        out = execute(client, "pass")["stdout"]
+        assert "failed: TaskError" in out and "bad hour" in out, out
+        assert "r holds the partial results" in out and "--resume" in out, out
+        assert evaluate(client, "isinstance(r, np.ma.MaskedArray) and bool(r.mask[70])") == "True"
+        execute(client, "fixed = True")
+        resumed = execute(client, cell.replace("--background", "--resume"))
+        assert resumed["status"] == "ok", resumed
+        assert evaluate(client, "bool(np.array_equal(r, np.arange(100.0)))") == "True"
+    assert shm_entries() == before

@@ -353,38 +353,38 @@ class ShmMagics(Magics):
         """Rebind the ``-r NAME`` of each ended background run to its results,
         with one line on how it ended; ``pre_run_cell`` (the kernel's own
         thread, before the cell's code) and the magics that wait call it."""
-        pending = []
-        for handle, key, name in self._background:
-            if not handle.done():
-                pending.append((handle, key, name))
-                continue
-            ns = self.shell.user_ns
-            label = name or "background run"
-            try:
-                result = handle.result()
-            except (RunFailed, KeyboardInterrupt) as exc:
-                if name is not None and ns.get(name) is not handle:
-                    name = None  # the user rebound it: theirs now
-                self._kept_on_failure(key, exc, name)
+        ended = [entry for entry in self._background if entry[0].done()]
+        self._background = [entry for entry in self._background if not entry[0].done()]
+        for handle, key, name in ended:
+            self._settle_one(handle, key, name)
+
+    def _settle_one(self, handle: RunHandle, key: tuple, name: str | None) -> None:
+        ns = self.shell.user_ns
+        label = name or "background run"
+        if name is not None and ns.get(name) is not handle:
+            name = None  # the user rebound it: theirs now
+        try:
+            result = handle.result()
+        except Exception as exc:  # what a blocking cell would have raised
+            self._kept_on_failure(key, exc, name)
+            kept = ""
+            if getattr(exc, "done", None) is not None:
                 kept = f"; {name} holds the partial results (masked where not done)" if name else ""
-                what = str(exc).splitlines()[0] if str(exc) else ""
-                why = "" if handle.state == "cancelled" or not what else f" ({what})"
-                print(
-                    f"{label}: {handle.summary()}{why}{kept}; "
-                    f"run the cell again with --resume to do only the rest"
-                )
-                continue
-            failed = handle.errors if handle.state == "done" else None
-            if failed:
-                self._resumable[key] = failed
-            else:
-                self._resumable.pop(key, None)
-            holds = ""
-            if name is not None and ns.get(name) is handle:
-                ns[name] = result
-                holds = f"; {name} holds the results"
-            print(f"{label}: {handle.summary()}{holds}")
-        self._background = pending
+                kept += "; run the cell again with --resume to do only the rest"
+            what = str(exc).splitlines()[0] if str(exc) else ""
+            why = "" if handle.state == "cancelled" or not what else f" ({what})"
+            print(f"{label}: {handle.summary()}{why}{kept}")
+            return
+        failed = handle.errors
+        if failed:
+            self._resumable[key] = failed
+        else:
+            self._resumable.pop(key, None)
+        holds = ""
+        if name is not None:
+            ns[name] = result
+            holds = f"; {name} holds the results"
+        print(f"{label}: {handle.summary()}{holds}")
 
     def _runs_named(self, line: str, magic: str) -> list[RunHandle]:
         """The runs ``line`` names (every one of ours when it names none)."""
