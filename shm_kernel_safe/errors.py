@@ -323,6 +323,18 @@ class ParallelInterrupt(PartialResults, KeyboardInterrupt):
     it; carries what completed (``done``, ``partial``) like the other errors.
     """
 
+    #: Set by the front end (the magic) to say how to resume in its own terms.
+    resume_hint: str | None = None
+
+    def __str__(self) -> str:
+        if self.resume_hint is None or self.done is None:
+            return super().__str__()
+        completed = int(self.done.sum())
+        return (
+            f"interrupted after {completed} of {len(self.done)} items, which were kept; "
+            f"{self.resume_hint}"
+        )
+
 
 class ItemsFailedWarning(UserWarning):
     """Some items failed in a run with ``errors="continue"``.

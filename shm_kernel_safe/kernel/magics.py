@@ -326,13 +326,11 @@ class ShmMagics(Magics):
         self._resumable[key] = exc
         if result is not None:
             self.shell.user_ns[result] = exc.partial  # type: ignore[attr-defined]
-        completed = int(exc.done.sum())  # type: ignore[attr-defined]
-        total = len(exc.done)  # type: ignore[attr-defined]
         hint = "run the cell again with --resume to do only the rest"
         if isinstance(exc, RunFailed):
             exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
         elif isinstance(exc, ParallelInterrupt):
-            exc.args = (f"interrupted after {completed} of {total} items, which were kept; {hint}",)
+            exc.resume_hint = hint
 
     # -- background runs ---------------------------------------------------------------
     def _started(self, handle: RunHandle, key: tuple, name: str | None) -> None:
