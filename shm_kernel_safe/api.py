@@ -377,8 +377,9 @@ def imap(
     Raises
     ------
     RunFailed
-        When the run fails (``errors="raise"``), after the results that
-        came before it (in order: those before the failed item). With
+        When the run fails (``errors="raise"``), once the results that
+        completed before it stopped are out (in order: those up to the
+        first item not done). With
         ``errors="continue"``, failed items are skipped and one
         :class:`ItemsFailedWarning` lists them at the end.
 
