@@ -233,3 +233,31 @@ def test_a_failed_background_cell_says_so_at_the_next_cell_and_resumes():
         assert resumed["status"] == "ok", resumed
         assert evaluate(client, "bool(np.array_equal(r, np.arange(100.0)))") == "True"
     assert shm_entries() == before
+
+
+def test_a_frontends_hidden_execute_does_not_take_the_end_line():
+    """JupyterLab's Variable Inspector runs a non-silent execute without
+    history after each cell; the run's end line and the rebinding wait for
+    the user's next cell, where the line is seen."""
+    with kernel("ipykernel") as (_km, client):
+        assert execute(client, SETUP)["status"] == "ok"
+        cell = BACKGROUND_CELL.replace("range(200)", "range(20)").replace("--out y ", "")
+        assert execute(client, cell)["status"] == "ok"
+        until(client, "isinstance(r, np.ndarray) or r.done()", "the run's end")
+        msg_id = client.execute("_sks_probe = 1", store_history=False)
+        deadline = time.monotonic() + GUARD
+        hidden = ""
+        while True:
+            assert time.monotonic() < deadline, "hang guard: the hidden execute"
+            msg = client.get_iopub_msg(timeout=GUARD)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                hidden += msg["content"]["text"]
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert hidden == ""
+        assert evaluate(client, "type(r).__name__") == "'RunHandle'"
+        out = execute(client, "pass")["stdout"]
+        assert "r: 20/20 items, done in" in out, out
+        assert evaluate(client, "bool(np.array_equal(r, np.arange(20) ** 2.0))") == "True"

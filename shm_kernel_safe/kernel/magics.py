@@ -351,6 +351,11 @@ class ShmMagics(Magics):
         """Rebind the ``-r NAME`` of each ended background run to its results,
         with one line on how it ended; ``pre_run_cell`` (the kernel's own
         thread, before the cell's code) and the magics that wait call it."""
+        if info is not None and getattr(info, "store_history", True) is False:
+            # A frontend's own hidden execute (JupyterLab's Variable Inspector
+            # runs one after each cell): its output is never shown, so the
+            # line would be lost; the user's next cell settles.
+            return
         ended = [entry for entry in self._background if entry[0].done()]
         self._background = [entry for entry in self._background if not entry[0].done()]
         for handle, key, name in ended:
