@@ -261,3 +261,44 @@ def test_a_frontends_hidden_execute_does_not_take_the_end_line():
         out = execute(client, "pass")["stdout"]
         assert "r: 20/20 items, done in" in out, out
         assert evaluate(client, "bool(np.array_equal(r, np.arange(20) ** 2.0))") == "True"
+
+
+def interrupted(km, client, code: str, after: float = 1.0) -> str | None:
+    """Run ``code``, interrupt the kernel ``after`` seconds in; the error's name."""
+    msg_id = client.execute(code)
+    time.sleep(after)
+    km.interrupt_kernel()
+    error = None
+    deadline = time.monotonic() + GUARD
+    while True:
+        assert time.monotonic() < deadline, "hang guard: the interrupted cell"
+        msg = client.get_iopub_msg(timeout=GUARD)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            error = msg["content"]["ename"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return error
+
+
+def test_two_background_cells_an_interrupted_wait_and_cancel_all():
+    before = shm_entries()
+    with kernel("ipykernel") as (km, client):
+        assert execute(client, SETUP)["status"] == "ok"
+        long = BACKGROUND_CELL.replace("range(200)", "range(2000)").replace("--out y ", "")
+        assert execute(client, long.replace("-r r", "-r a -n 1"))["status"] == "ok"
+        assert execute(client, long.replace("-r r", "-r b -n 1"))["status"] == "ok"
+        status = execute(client, "%shm_status")["stdout"]
+        assert "Background runs: 2" in status, status
+        assert "  a  <run " in status and "  b  <run " in status, status
+        until(client, "a.progress[0] > 2 and b.progress[0] > 2", "both runs to start")
+        # Ctrl-C during %shm_wait stops the waiting, not the runs
+        assert interrupted(km, client, "%shm_wait a") == "KeyboardInterrupt"
+        assert evaluate(client, "(a.state, b.state)") == "('running', 'running')"
+        res = execute(client, "%shm_cancel")  # every background run of the magic
+        assert res["status"] == "ok", res
+        assert "a: " in res["stdout"] and "b: " in res["stdout"], res
+        assert evaluate(client, "isinstance(a, np.ma.MaskedArray)") == "True"
+        assert evaluate(client, "isinstance(b, np.ma.MaskedArray)") == "True"
+        assert "Background runs: 0" in execute(client, "%shm_status")["stdout"]
+    assert shm_entries() == before
