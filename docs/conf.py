@@ -41,6 +41,7 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "jupyter_execute"]
 html_theme = "furo"
 html_title = f"shm_kernel_safe {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # output lines wrap; API names break at dots
 
 graphviz_output_format = "svg"
 

@@ -9,7 +9,6 @@ Linux; the branches that call OS APIs are kept as thin as possible.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import signal
 import sys
@@ -39,18 +38,6 @@ def shm_directory(platform: str = sys.platform) -> str | None:
     return None
 
 
-def page_rounded(nbytes: int, pagesize: int = mmap.PAGESIZE) -> int:
-    """Size the OS reports for a segment of ``nbytes``.
-
-    Windows (and macOS) round a mapping's size up to whole pages, so a
-    segment's own size cannot tell how many bytes an array occupies: handles
-    always ship exact byte counts and never trust the mapping size.
-    """
-    if nbytes <= 0:
-        return pagesize
-    return -(-nbytes // pagesize) * pagesize
-
-
 def mapping_size(nbytes: int) -> int:
     """Bytes to map for an array of ``nbytes``: mmap refuses length 0."""
     return max(int(nbytes), 1)
@@ -62,23 +49,9 @@ def unlink_frees_name(platform: str = sys.platform) -> bool:
     POSIX: yes, and unlinking early is legal (memory lives while mapped).
     Windows: no; the named mapping dies with the last handle, so there is
     nothing to unlink, and the creator must keep its handle open until every
-    worker has attached.
-    """
-    return not is_windows(platform)
-
-
-def creator_must_hold_until_attached(platform: str = sys.platform) -> bool:
-    """Whether the parent must keep its mapping open while workers attach."""
-    return is_windows(platform)
-
-
-def workers_receive_console_interrupts(platform: str = sys.platform) -> bool:
-    """Whether Ctrl-C / a kernel interrupt also reaches worker processes.
-
-    On POSIX, jupyter_client signals the kernel's process group, so workers
-    see SIGINT too. On Windows the kernel is interrupted through an event that
-    only it waits on: the parent must stop the workers itself. We never rely
-    on the POSIX behaviour either, so this only documents why.
+    worker has attached (the parent holds every segment of a run until the
+    run ends). Windows and macOS round a mapping's size up to whole pages,
+    so handles always carry exact byte counts, never the mapping's size.
     """
     return not is_windows(platform)
 

@@ -48,10 +48,24 @@ def test_load_ext_prestarts_when_asked(monkeypatch):
     assert pool.pool_info() == []  # %unload_ext stopped it
 
 
-def test_a_call_that_copies_starts_its_pool_in_the_background():
+def test_a_call_that_copies_starts_its_pool_in_the_background(monkeypatch):
+    # The call itself starts the cold pool, in the background, before it
+    # copies ``x`` (25.6 MB, not shared yet) to shared memory: the spy only
+    # records what the real start-up returned.
     sks.shutdown_pools()
-    x = np.ones((40_000, 16))
-    assert pool.start_in_background(2, "forkserver", 1) is True
-    assert pool.start_in_background(2, "forkserver", 1) is False  # already starting
+    calls = []
+    real = pool.start_in_background
+
+    def spy(*args):
+        started = real(*args)
+        calls.append((args, started, sks.live_segments()))
+        return started
+
+    monkeypatch.setattr(pool, "start_in_background", spy)
+    x = np.ones((200_000, 16))
     y = sks.parallel_map(lambda i: float(x[i].sum()), range(50), processes=2)
     assert np.array_equal(y, np.full(50, 16.0))
+    assert len(calls) == 1
+    args, started, segments_then = calls[0]
+    assert args[0] == 2 and started is True
+    assert not any(seg.nbytes >= x.nbytes for seg in segments_then)  # before the copy

@@ -172,7 +172,9 @@ def test_results_that_do_not_stack_are_logged_in_runs_before_they_are_saved(chun
     assert all(values[i] == (i, "x" * i) for i in range(saved))
     records = read_log(f"{ledger}1", int(row[control.LOG_END]))
     assert len(records) < saved  # runs, one per FLUSH_SECONDS of work
-    assert result.values == [slow_pair(i) for i in range(12)]
+    # Each value is pickled once: the message carries only those not logged.
+    assert result.logged == saved
+    assert [values[i] for i in range(saved)] + result.values == [slow_pair(i) for i in range(12)]
 
 
 def test_a_short_chunk_of_results_that_do_not_stack_writes_no_log(chunk_of, tmp_path):
@@ -186,12 +188,14 @@ def test_a_short_chunk_of_results_that_do_not_stack_writes_no_log(chunk_of, tmp_
 def test_a_failed_item_keeps_its_place_in_the_logged_runs(chunk_of, tmp_path):
     ledger = str(tmp_path / "ledger-")
     result, row, _ = chunk_of(10, 20, ledger=ledger, fn=slow_pair, stacked=False, keep_going=True)
-    assert set(result.failed) == {13} and result.done == 10 and result.values[3] is None
+    assert set(result.failed) == {13} and result.done == 10
     saved, failed = int(row[control.SAVED]), set()
     values = logged_values(ledger, row, failed)
     assert failed == {13}  # logged at once, whatever was saved
     for i in range(10, 10 + saved):
         assert values[i] == (None if i == 13 else (i, "x" * i))
+    every = [values[i] for i in range(10, 10 + result.logged)] + result.values
+    assert every == [None if i == 13 else (i, "x" * i) for i in range(10, 20)]
 
 
 def test_a_value_that_cannot_be_logged_leaves_the_rest_of_its_run(chunk_of, tmp_path):
@@ -201,8 +205,10 @@ def test_a_value_that_cannot_be_logged_leaves_the_rest_of_its_run(chunk_of, tmp_
         return (j for j in range(i)) if i == 2 else (i,)
 
     ledger = str(tmp_path / "ledger-")
-    _, row, _ = chunk_of(0, 12, ledger=ledger, fn=odd, stacked=False)
+    result, row, _ = chunk_of(0, 12, ledger=ledger, fn=odd, stacked=False)
     saved = int(row[control.SAVED])
     values = logged_values(ledger, row)
     assert saved > 3 and 2 not in values
     assert all(values[i] == (i,) for i in range(saved) if i != 2)
+    # the message carries every value (the bad one becomes its item's error there)
+    assert result.logged == 0 and len(result.values) == 12

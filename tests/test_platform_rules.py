@@ -12,38 +12,22 @@ from shm_kernel_safe.memory import naming
 
 
 @pytest.mark.parametrize(
-    ("platform", "directory", "unlinks", "hold", "interrupts", "start"),
+    ("platform", "directory", "unlinks", "start"),
     [
-        ("linux", "/dev/shm", True, False, True, "forkserver"),
-        ("darwin", None, True, False, True, "spawn"),
-        ("win32", None, False, True, False, "spawn"),
+        ("linux", "/dev/shm", True, "forkserver"),
+        ("darwin", None, True, "spawn"),
+        ("win32", None, False, "spawn"),
     ],
 )
-def test_platform_table(platform, directory, unlinks, hold, interrupts, start):
+def test_platform_table(platform, directory, unlinks, start):
     assert P.shm_directory(platform) == directory
     assert P.unlink_frees_name(platform) is unlinks
-    assert P.creator_must_hold_until_attached(platform) is hold
-    assert P.workers_receive_console_interrupts(platform) is interrupts
     assert P.default_start_method(platform) == start
     assert start in P.available_start_methods(platform)
 
 
 def test_windows_has_only_spawn():
     assert P.available_start_methods("win32") == ("spawn",)
-
-
-@pytest.mark.parametrize(
-    ("n", "page", "rounded"),
-    [
-        (0, 4096, 4096),
-        (1, 4096, 4096),
-        (4096, 4096, 4096),
-        (4097, 4096, 8192),
-        (10_000, 65536, 65536),
-    ],
-)
-def test_page_rounding(n, page, rounded):
-    assert P.page_rounded(n, page) == rounded
 
 
 def test_mapping_size_never_zero():

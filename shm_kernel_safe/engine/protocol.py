@@ -62,6 +62,9 @@ class ChunkResult:
     chunk: int
     done: int = 0  # items processed from the chunk's start (failed ones too, with keep_going)
     values: list | None = None  # results, when the transport keeps no shared result array
+    # how many of the first values the message leaves out: the transport's
+    # worker logged them already (pickled once), and its parent reads them there
+    logged: int = 0
     misfits: dict[int, Any] = field(default_factory=dict)  # results that do not stack
     error: RemoteError | None = None  # the item that stopped the chunk
     failed: dict[int, RemoteError] = field(default_factory=dict)  # items that failed, kept going
@@ -101,7 +104,8 @@ class ChunkResult:
         if self.source is None or _unpicklable((self.values, self.misfits)) is None:
             return
         items, start, keep_going = self.source
-        candidates = [(start + k, v) for k, v in enumerate(self.values or []) if v is not None]
+        first = start + self.logged  # the item of values[0]
+        candidates = [(first + k, v) for k, v in enumerate(self.values or []) if v is not None]
         candidates += list(self.misfits.items())
         bad = [(i, v, exc) for i, v in candidates if (exc := _unpicklable(v)) is not None]
         bad.sort(key=lambda found: found[0])
@@ -110,13 +114,13 @@ class ChunkResult:
             if keep_going:
                 self.failed[index] = error
                 if self.values is not None:
-                    self.values[index - start] = None
+                    self.values[index - first] = None
                 self.misfits.pop(index, None)
                 continue
             self.error = error
             self.done = index - start
             if self.values is not None:
-                del self.values[self.done :]
+                del self.values[index - first :]
             self.misfits = {i: v for i, v in self.misfits.items() if i < index}
             self.failed = {i: e for i, e in self.failed.items() if i < index}
             break

@@ -60,7 +60,8 @@ def _mask_of(value: Any) -> Any:
 
 def _stack(present: list) -> tuple[np.ndarray, np.ndarray | None] | None:
     """(data, element mask or None) of the done values when they stack, else None."""
-    masked = any(isinstance(v, np.ma.MaskedArray) for v in present)
+    # ``all`` stops at the first value that does not stack (a tuple): a run
+    # of values that don't stack costs one look, not a pass over them.
     if all(_is_scalar(v) for v in present):
         # 0-d arrays count as their element, so they stack like scalars.
         data = np.asarray([_element(v) for v in present])
@@ -68,7 +69,7 @@ def _stack(present: list) -> tuple[np.ndarray, np.ndarray | None] | None:
         data = np.stack([np.ma.getdata(v) for v in present])
     else:
         return None
-    if not masked:
+    if not any(isinstance(v, np.ma.MaskedArray) for v in present):
         return data, None
     mask = np.stack([_mask_of(v) for v in present])
     return data, mask.reshape(data.shape)
@@ -94,11 +95,15 @@ def assemble(values: list, done: np.ndarray | None = None) -> np.ndarray | np.ma
     if done is None:
         done = np.ones(n_items, dtype=bool)
     kept = np.flatnonzero(done)
-    stacked = _stack([values[i] for i in kept]) if len(kept) else None
+    complete = len(kept) == n_items
+    present = values if complete else [values[i] for i in kept]
+    stacked = _stack(present) if len(kept) else None
     if stacked is None:
-        return [v if d else None for v, d in zip(values, done, strict=True)]
+        if complete:
+            return list(values)
+        return [v if d else None for v, d in zip(values, done.tolist(), strict=True)]
     data, element_mask = stacked
-    if len(kept) == n_items and element_mask is None:
+    if complete and element_mask is None:
         return data
     full = np.zeros((n_items, *data.shape[1:]), dtype=data.dtype)
     full[kept] = data

@@ -244,6 +244,8 @@ class LocalTransport(Transport):
         for fut in done:
             res = fut.result()
             del self.futures[fut]
+            if res.logged:
+                self._values_from_log(res)
             results.append(res)
         now = time.monotonic()
         if results or self._any_running():
@@ -325,6 +327,18 @@ class LocalTransport(Transport):
             elif kind == FAILED:
                 res.failed[index] = obj
         return res
+
+    def _values_from_log(self, res: ChunkResult) -> None:
+        """Put back the values a chunk's message left in its log."""
+        start = self.chunks[res.chunk].start
+        block, row = self.rows[res.chunk]
+        end = int(self.blocks[block][0].table[row, LOG_END])
+        head: list = [None] * res.logged
+        for index, kind, obj in read_log(f"{self.ledger}{res.chunk}", end):
+            if kind == VALUES and index < start + res.logged:
+                head[index - start : index - start + len(obj)] = obj
+        res.values = head + (res.values or [])
+        res.logged = 0
 
     def items_done(self) -> int:
         # Every row counts: what a dead worker completed stays completed.
@@ -429,6 +443,9 @@ class LocalTransport(Transport):
             for f in list(self.futures)
             if f.done() and not f.cancelled() and f.exception() is None
         }
+        for res in came_back.values():
+            if res.logged:
+                self._values_from_log(res)
         salvage = [
             came_back.get(c.number)
             or self._with_log(ChunkResult(c.number, done=self._row_done(c.number)))

@@ -10,7 +10,6 @@ store per item in the control block, never a message.
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import pickle
 import struct
@@ -57,14 +56,15 @@ class Log:
     control block. Results that do not stack go in runs (``VALUES``: the
     list of the results of items ``index, index + 1, ...``), one record per
     :data:`FLUSH_SECONDS` of work: a pickle call per item would cost more
-    than a tiny item itself. The file is memory-mapped: a record is a
-    memcpy, never a message or a system call, and it survives the worker's
-    death (the pages belong to the file). The parent reads it when the
-    worker died before its chunk came back, so what it completed is kept.
-    The control block's ``LOG_END`` slot says how many bytes are complete.
+    than a tiny item itself. A record is one ``write``: once it returns,
+    the bytes belong to the file (the page cache), not to the worker, so
+    they outlive its death. The parent reads the log when the worker died
+    before its chunk came back, so what it completed is kept. The control
+    block's ``LOG_END`` slot says how many bytes are complete. (A
+    memory-mapped file costs less per record but far more per page: a
+    write into a file's hole allocates its blocks one fault at a time.)
     """
 
-    FIRST_SIZE = 1 << 16
     HEAD = struct.Struct("<qq")  # item index, kind << 56 | length of the pickle
 
     def __init__(self, path: str, ctrl: memoryview, end_slot: int) -> None:
@@ -72,11 +72,10 @@ class Log:
         self.ctrl = ctrl
         self.end_slot = end_slot
         self.fd = -1
-        self.map: mmap.mmap | None = None
-        self.size = 0
         self.end = 0
 
-    def add(self, index: int, kind: int, obj: Any) -> None:
+    def add(self, index: int, kind: int, obj: Any) -> bool:
+        """Append a record; False if (part of) ``obj`` could not be pickled."""
         data = _pickled(obj)
         if data is None:
             # A run with one value that does not pickle: each value on its
@@ -86,33 +85,21 @@ class Log:
             if kind == VALUES and len(obj) > 1:
                 for k, value in enumerate(obj):
                     self.add(index + k, VALUES, [value])
-            return
-        at = self.end + 16
-        stop = at + len(data)
-        if stop > self.size:
-            self._grow(stop)
-        self.HEAD.pack_into(self.map, self.end, index, kind << 56 | len(data))  # type: ignore[arg-type]
-        self.map[at:stop] = data  # type: ignore[index]
-        self.end = stop
-        self.ctrl[self.end_slot] = stop  # published after the bytes
-
-    def _grow(self, need: int) -> None:
-        size = max(self.FIRST_SIZE, 2 * self.size)
-        while size < need:
-            size *= 2
+            return False
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.fd, size)
-        if self.map is not None:
-            self.map.close()
-        self.map = mmap.mmap(self.fd, size)
-        self.size = size
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        record = self.HEAD.pack(index, kind << 56 | len(data)) + data
+        view = memoryview(record)
+        while view:  # a regular file takes it whole; a signal may cut it short
+            view = view[os.write(self.fd, view) :]
+        self.end += len(record)
+        self.ctrl[self.end_slot] = self.end  # published after the bytes
+        return True
 
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
 
 #: Kinds of log records.
@@ -238,7 +225,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     # the extra pickling is the workers', in parallel, and the parent's
     # per-item cost stays that of one message per chunk.
     keep: Callable[[int, Any], None] | None = None
-    logged: _RunLogger | None = None
+    logging_tick: Any = None
     if task.results is not None:
         stacked = task.results.view()
         scalar_type, misfits = task.scalar_type, result.misfits
@@ -277,8 +264,7 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     elif log is not None:
         # run_items collects the values (None for a failed item) in
         # ``result.values``; ``tick`` counts each, and logs them in runs.
-        logged = _RunLogger(log, result, task.start, ctrl, row + control.SAVED, tick)
-        tick = logged.tick
+        tick = logging_tick = _logging_tick(log, result, task.start, ctrl, row, task.track_time)
 
     if log is not None and task.keep_going:
         result.failed = _LoggedDict(log)
@@ -293,6 +279,10 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
         tick=tick,
         keep_going=task.keep_going,
     )
+    if logging_tick is not None and logging_tick.saved and logging_tick.intact:
+        # Pickled once: the message leaves out the values the log holds.
+        result.logged = logging_tick.saved
+        result.values = result.values[result.logged :]  # type: ignore[index]
     if log is not None:
         log.close()
         result.failed = dict(result.failed)
@@ -300,46 +290,48 @@ def run_chunk(task: ChunkTask) -> ChunkResult:
     return result
 
 
-class _RunLogger:
-    """Logs a chunk's results that do not stack in runs, and says how many.
+def _logging_tick(
+    log: Log,
+    result: ChunkResult,
+    start: int,
+    ctrl: memoryview,
+    row: int,
+    track_time: bool,
+) -> Callable[[], None]:
+    """The per-item callback of a chunk whose results do not stack.
 
-    ``tick`` runs after each item: it counts the item (``count``, the
-    chunk's own progress callback) and, once per :data:`FLUSH_SECONDS` of
-    the chunk's work, appends the values since the last run to the log and
-    then publishes how many items are saved (the control block's ``SAVED``
-    slot, the parent's ledger for this chunk if its worker dies). A chunk
-    shorter than that writes no log at all: its result message is enough.
+    It counts the item (``DONE``, progress) and, once per
+    :data:`FLUSH_SECONDS` of the chunk's work, appends the values since the
+    last run (``result.values``, which the chunk loop fills) to the log, then
+    publishes how many items are saved (``SAVED``, the parent's ledger for
+    this chunk if its worker dies). A chunk shorter than that writes no log
+    at all: its result message is enough. A closure, not a method: it runs
+    once per item. ``tick.saved`` is the count saved, ``tick.intact`` false
+    once a value could not be logged.
     """
+    clock = time.perf_counter
+    done_slot, saved_slot = row + control.DONE, row + control.SAVED
+    started_slot = row + control.ITEM_STARTED if track_time else -1
+    next_flush = clock() + FLUSH_SECONDS
+    flushed = 0
 
-    __slots__ = ("count", "ctrl", "flushed", "log", "next_flush", "result", "saved_slot", "start")
+    def tick() -> None:
+        nonlocal next_flush, flushed
+        ctrl[done_slot] += 1
+        if started_slot >= 0:
+            ctrl[started_slot] = _now_ms()
+        if clock() >= next_flush:
+            values = result.values
+            n = len(values)  # type: ignore[arg-type]
+            if not log.add(start + flushed, VALUES, values[flushed:n]):  # type: ignore[index]
+                tick.intact = False  # type: ignore[attr-defined]
+            flushed = n
+            tick.saved = n  # type: ignore[attr-defined]
+            ctrl[saved_slot] = n  # after the record
+            next_flush = clock() + FLUSH_SECONDS
 
-    def __init__(
-        self,
-        log: Log,
-        result: ChunkResult,
-        start: int,
-        ctrl: memoryview,
-        saved_slot: int,
-        count: Callable[[], None],
-    ) -> None:
-        self.log, self.result, self.start, self.count = log, result, start, count
-        self.ctrl, self.saved_slot = ctrl, saved_slot
-        self.flushed = 0
-        self.next_flush = time.perf_counter() + FLUSH_SECONDS
-
-    def tick(self) -> None:
-        self.count()
-        if time.perf_counter() >= self.next_flush:
-            self.flush()
-
-    def flush(self) -> None:
-        values = self.result.values
-        n = len(values) if values is not None else 0
-        if n > self.flushed:
-            self.log.add(self.start + self.flushed, VALUES, values[self.flushed : n])
-            self.flushed = n
-            self.ctrl[self.saved_slot] = n  # after the record
-        self.next_flush = time.perf_counter() + FLUSH_SECONDS
+    tick.saved, tick.intact = 0, True  # type: ignore[attr-defined]
+    return tick
 
 
 def _store(out: np.ndarray, i: int, value: Any, scalar_type: type | None) -> bool:
