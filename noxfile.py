@@ -2,7 +2,7 @@
 
     nox                          # every interpreter found
     nox -s tests-3.10            # one of them
-    nox -s tests-3.13 -- tests/test_engine.py   # a subset
+    nox -s tests-3.13 -- tests/engine/test_engine.py   # a subset
 
 Interpreters are found on PATH and, where pyenv is used, in pyenv's versions
 folder (pyenv's shims only answer for the selected version). A missing
@@ -51,11 +51,11 @@ def lint(session: nox.Session) -> None:
 
 #: The kernel tests that need no GUI, for the "Spyder 5's kernel" session.
 SPYDER5_KERNEL_TESTS = [
-    "tests/test_kernels.py",
-    "tests/test_extension_shell.py",
-    "tests/test_debugger.py",
-    "tests/test_placeholder_display.py",
-    "tests/test_worker_warnings.py",
+    "tests/kernel/test_kernels.py",
+    "tests/kernel/test_extension_shell.py",
+    "tests/kernel/test_debugger.py",
+    "tests/kernel/test_placeholder_display.py",
+    "tests/engine/test_worker_warnings.py",
 ]
 
 

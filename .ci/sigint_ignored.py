@@ -1,6 +1,6 @@
 """Run a command with SIGINT ignored, as CI and job runners may start it.
 
-    python .ci/sigint_ignored.py python -m pytest tests/test_interrupt_and_main.py
+    python .ci/sigint_ignored.py python -m pytest tests/transports/test_interrupt_and_main.py
 
 A process started in the background by a non-interactive shell (``cmd &``)
 inherits SIGINT ignored, and so do some job runners' children; the

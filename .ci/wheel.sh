@@ -74,14 +74,14 @@ echo "--- the demo, from the installed wheel"
 "$WORK/env/bin/shm-kernel-safe" status
 
 echo "--- core tests against the installed wheel"
-"$PY" -m pytest -q tests/test_safe_close.py tests/test_original_crash.py
-"$PY" -m pytest -q tests/test_transports.py -k serial
+"$PY" -m pytest -q tests/memory/test_safe_close.py tests/e2e/test_original_crash.py
+"$PY" -m pytest -q tests/transports/test_transports.py -k serial
 
 echo "--- the sdist alone: unpack it, install it, run its own tests from it"
 SDIST="$(ls "$WORK"/dist/*.tar.gz)"
 mkdir -p "$WORK/sdist" && tar xzf "$SDIST" -C "$WORK/sdist"
 SRC="$(ls -d "$WORK"/sdist/shm_kernel_safe-*)"
-for needed in tests/__init__.py tests/conftest.py tests/helpers.py tests/backends.py \
+for needed in tests/__init__.py tests/conftest.py tests/helpers.py tests/backends.py tests/engine/__init__.py \
     tests/kernels.py CHANGELOG.md docs/index.md notebooks/weather_hours.ipynb; do
     [ -e "$SRC/$needed" ] || { echo "the sdist lacks $needed"; exit 1; }
 done
@@ -89,5 +89,5 @@ done
 "$WORK/sdist-env/bin/python" -m pip install -q "$SDIST" "pytest>=7.4" "pytest-timeout>=2.2" \
     2>&1 | grep -v "^WARNING: Location" || true
 cd "$SRC"
-"$WORK/sdist-env/bin/python" -m pytest -q -p no:cacheprovider tests/test_safe_close.py \
-    tests/test_original_crash.py tests/test_cli.py
+"$WORK/sdist-env/bin/python" -m pytest -q -p no:cacheprovider tests/memory/test_safe_close.py \
+    tests/e2e/test_original_crash.py tests/e2e/test_cli.py

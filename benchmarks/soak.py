@@ -14,7 +14,7 @@ Phases (each round in fresh processes):
   results compared with a serial loop, the Variable Explorer's namespace
   view (which computes min/max of every array), then a graceful shutdown
   as a frontend does it (jupyter_client interrupts, then asks);
-* ``fuzz``: the stateful test (``tests/test_stateful.py``) for
+* ``fuzz``: the stateful test (``tests/engine/test_stateful.py``) for
   ``--fuzz-steps`` steps in one pytest run;
 * ``kill``: ``--kills`` SIGKILLs of random local workers at random moments
   across many runs (``errors="raise"``, ``"continue"``, ``retries=3`` at
@@ -175,7 +175,7 @@ def demo_round(args: argparse.Namespace) -> Round:
 
 def fuzz_round(args: argparse.Namespace) -> Round:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    cmd += ["-o", "addopts=", "--timeout", "3600", "tests/test_stateful.py"]
+    cmd += ["-o", "addopts=", "--timeout", "3600", "tests/engine/test_stateful.py"]
     return run_command(cmd, timeout=3600, env={"SHM_KERNEL_SAFE_FUZZ_STEPS": str(args.fuzz_steps)})
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import worker_children
+from .helpers import worker_children
 
 BACKENDS = [
     pytest.param({"backend": "local", "start_method": "forkserver"}, id="local-forkserver"),

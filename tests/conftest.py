@@ -8,29 +8,9 @@ import os
 import sys
 import time
 
-import psutil
 import pytest
 
-from .helpers import SHM_DIR, foreign_owners, shm_entries
-
-# Long-lived helpers that multiprocessing / loky start once per parent and
-# that die with it; they are not leaks of a test.
-_INFRA_MARKERS = ("resource_tracker", "forkserver", "semaphore_tracker")
-
-
-def worker_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-        except psutil.Error:
-            continue
-        if any(m in cmd for m in _INFRA_MARKERS):
-            continue
-        out.append(child)
-    return out
+from .helpers import SHM_DIR, foreign_owners, shm_entries, worker_children
 
 
 @pytest.fixture(autouse=True)

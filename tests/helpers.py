@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import psutil
+
 SHM_DIR = "/dev/shm"
 
 
@@ -122,3 +124,25 @@ def _kill_hung_script(proc: subprocess.Popen) -> None:
     proc.communicate()
     psutil.wait_procs(trackers, timeout=10)
     cleanup_stale()  # the script's segments: their owner is dead now
+
+
+# Long-lived helpers that multiprocessing / loky start once per parent and
+# that die with it; they are not leaks of a test.
+_INFRA_MARKERS = ("resource_tracker", "forkserver", "semaphore_tracker")
+
+
+def worker_children() -> list[psutil.Process]:
+    """This process's live descendants that are workers (not the helpers
+    every parent keeps: forkservers, resource trackers)."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if any(m in cmd for m in _INFRA_MARKERS):
+            continue
+        out.append(child)
+    return out

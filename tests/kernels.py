@@ -4,6 +4,7 @@ and Spyder's ``spyder_api`` comm for its Variable Explorer calls."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -288,3 +289,52 @@ def _wait_gone(procs: list, timeout: float) -> list:
 
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+class DebugSession:
+    """The requests JupyterLab's debugger sends, over the control channel."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.seq = itertools.count(1)
+
+    def request(self, command: str, arguments: dict | None = None, timeout: float = 20) -> dict:
+        content = {
+            "type": "request",
+            "seq": next(self.seq),
+            "command": command,
+            "arguments": arguments or {},
+        }
+        msg = self.client.session.msg("debug_request", content)
+        self.client.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = self.client.get_control_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"]
+        raise TimeoutError(f"no debug_reply to {command} within {timeout}s")
+
+    def start(self) -> None:
+        init = self.request(
+            "initialize",
+            {
+                "clientID": "jupyterlab",
+                "clientName": "JupyterLab",
+                "adapterID": "python",
+                "pathFormat": "path",
+                "linesStartAt1": True,
+                "columnsStartAt1": True,
+                "supportsVariableType": True,
+                "supportsVariablePaging": True,
+                "supportsRunInTerminalRequest": True,
+                "locale": "en",
+            },
+        )
+        assert init.get("success"), init
+        assert self.request("attach").get("success")
+        assert self.request("configurationDone").get("success")
+
+    def variables_panel(self) -> dict[str, dict]:
+        reply = self.request("inspectVariables")
+        assert reply.get("success"), reply
+        return {v["name"]: v for v in reply["body"]["variables"]}

@@ -1,6 +1,6 @@
 """Run the real Spyder application and drive its IPython console.
 
-Started by ``tests/test_spyder_gui.py`` in its own process (Spyder's
+Started by ``tests/e2e/test_spyder_gui.py`` in its own process (Spyder's
 configuration, ``sys.exit`` patch and atexit handlers stay out of pytest):
 
     python tests/spyder_gui_driver.py OUT_DIR {with,without}
