@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from .helpers import shm_entries
-from .kernels import SpyderFrontend, evaluate, execute, kernel
+from ..helpers import shm_entries
+from ..kernels import SpyderFrontend, evaluate, execute, kernel
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Hang guard for waits in these tests (never a timing assertion).
 GUARD = 120

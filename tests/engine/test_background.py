@@ -16,8 +16,8 @@ import pytest
 
 import shm_kernel_safe as sks
 
-from .backends import backend, kw  # noqa: F401 - fixtures
-from .helpers import run_python, shm_entries
+from ..backends import backend, kw  # noqa: F401 - fixtures
+from ..helpers import run_python, shm_entries
 
 pytestmark = pytest.mark.timeout(240)
 
