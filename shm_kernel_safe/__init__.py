@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._malloc import tune_malloc
 from .api import imap, last_errors, parallel_map, prestart, status
 from .engine.background import RunHandle
+from .engine.journal import JournalInfo, discard_journal, journals
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
@@ -19,6 +20,8 @@ from .errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     ItemsFailedWarning,
+    JournalError,
+    JournalWarning,
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
@@ -92,6 +95,9 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "ItemsFailedWarning",
+    "JournalError",
+    "JournalInfo",
+    "JournalWarning",
     "ParallelInterrupt",
     "ParallelTimeoutError",
     "PartialResults",
@@ -108,12 +114,14 @@ __all__ = [
     "TaskError",
     "WorkerDiedError",
     "cleanup_stale",
+    "discard_journal",
     "empty",
     "find_stale",
     "handle_of",
     "imap",
     "is_dangling",
     "is_protected",
+    "journals",
     "last_errors",
     "live_segments",
     "parallel_map",

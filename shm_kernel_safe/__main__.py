@@ -40,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "status",
-        help="list shared-memory segments left by processes of this user that are gone",
-        description="List segments in /dev/shm whose owner process is gone (nothing is removed).",
+        help="list shared-memory segments left by processes of this user that are gone, "
+        "and journals of unfinished runs",
+        description="List segments in /dev/shm whose owner process is gone, and the journals "
+        "of runs that did not finish, with size and age (nothing is removed).",
     )
     commands.add_parser(
         "cleanup",
-        help="remove the segments that `status` lists",
-        description="Remove segments in /dev/shm whose owner process (of this user) is gone.",
+        help="remove the segments that `status` lists, and journals older than two weeks",
+        description="Remove segments in /dev/shm whose owner process (of this user) is gone, "
+        "and journals of unfinished runs older than two weeks.",
     )
     return parser
 
@@ -72,6 +75,17 @@ def _stale(remove: bool) -> int:
         print(f"{verb}: {seg.name} {human_bytes(seg.nbytes)} (owner pid {seg.owner_pid} is gone)")
     if not stale:
         print("no stale segments of this user")
+    from .engine.journal import journals
+    from .memory.janitor import JOURNAL_MAX_AGE_DAYS, remove_old_journals
+
+    if remove:
+        for path in remove_old_journals():
+            print(f"removed journal {path} (older than {JOURNAL_MAX_AGE_DAYS} days)")
+        return 0
+    found = journals()
+    print(f"journals of unfinished runs: {len(found)}")
+    for info in found:
+        print(f"  {info.describe()}")
     return 0
 
 

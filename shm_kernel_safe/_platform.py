@@ -116,6 +116,15 @@ def to_base36(value: int) -> str:
     return "".join(reversed(out))
 
 
+def journal_directory() -> str:
+    """Where journals live unless a path is given: the per-user cache folder
+    (``~/.cache/shm_kernel_safe/journals`` on Linux, ``~/Library/Caches`` on
+    macOS, ``%LOCALAPPDATA%`` on Windows, as ``platformdirs`` knows them)."""
+    import platformdirs
+
+    return os.path.join(platformdirs.user_cache_dir("shm_kernel_safe", appauthor=False), "journals")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):

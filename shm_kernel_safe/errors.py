@@ -16,6 +16,7 @@ trouble (a full ``/dev/shm`` is a ``MemoryError``, a bad argument a
         ├── InvalidArgumentError           (ValueError) checked before any process starts
         │   └── InvalidArgumentTypeError   (TypeError)
         ├── DaskBackendError               the dask backend cannot run
+        ├── JournalError                   a journal= that does not match or is damaged
         └── RunFailed                      a run stopped; with done/partial (PartialResults)
             ├── TaskError                  an item raised
             ├── WorkerDiedError            a worker died (segfault, OOM kill, os._exit)
@@ -26,6 +27,7 @@ trouble (a full ``/dev/shm`` is a ``MemoryError``, a bad argument a
     UserWarning
     ├── ItemsFailedWarning                 errors="continue": some items failed
     ├── PerformanceHint                    parallel cannot pay for its fixed costs
+    ├── JournalWarning                     a journal cannot be written: the run goes on
     └── ResumeFunctionChangedWarning       resume= with another function
 
 ``PartialResults`` is a mix-in, not an exception: ``exc.done`` (one bool per
@@ -413,3 +415,39 @@ def _short_error(error: BaseException) -> str:
 class DaskBackendError(ShmKernelSafeError):
     """The dask backend cannot run: ``distributed`` missing, a scheduler that
     does not answer, workers without this package. Always one line."""
+
+
+class JournalError(ShmKernelSafeError):
+    """A run's journal on disk cannot be used: it records another run (other
+    items, another function or cell, other inputs), or it is damaged, or
+    another process is writing it.
+
+    Never merged into the run: what it records would mix other results, or
+    wrong ones, into this run's. The message names the journal and how to
+    discard it (:func:`~shm_kernel_safe.discard_journal`, or
+    ``%%shm_parallel ... --journal-reset``).
+
+    Attributes
+    ----------
+    path : str
+        The journal's file.
+    problem : str
+        What is wrong with it, in a few words.
+    """
+
+    def __init__(self, path: str, problem: str, message: str | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            message
+            or f"journal {path} {problem}; it is never merged: discard it with "
+            f"shm_kernel_safe.discard_journal({path!r}) (or %%shm_parallel ... --journal-reset)"
+        )
+
+
+class JournalWarning(UserWarning):
+    """A journal cannot be written (the disk is full, the folder is not
+    writable): journaling is off for the rest of the run, which goes on.
+
+    What the journal recorded before stays valid and resumes.
+    """

@@ -6,11 +6,20 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import tempfile
 import time
 
 import pytest
 
 from .helpers import SHM_DIR, foreign_owners, shm_entries, worker_children
+
+# Journals go to a folder of this session, never to the user's own cache;
+# kernels the tests start inherit it. The magic's default journal is off
+# here: these tests are about runs within one kernel (a journal would
+# refuse a cell run again with other inputs); the journal tests turn it on
+# (SHM_KERNEL_SAFE_JOURNAL=1) for the kernels they start.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sks-test-cache-")
+os.environ["SHM_KERNEL_SAFE_JOURNAL"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -55,13 +55,12 @@ def guided_chunks(
     chunksize: int | None = None,
     first: int = 0,
     min_chunk: int | None = None,
-    max_chunk: int | None = None,
 ) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges covering ``first..n_items``.
 
     With ``chunksize`` the chunks are fixed-size (the user knows best); without,
     each is ``remaining / (2 * n_workers)`` items, never below ``min_chunk``
-    (see :func:`min_chunk_for`) nor above ``max_chunk`` (when given).
+    (see :func:`min_chunk_for`).
     """
     if n_items < 0 or n_workers < 1:
         raise ValueError("n_items must be >= 0 and n_workers >= 1")
@@ -75,8 +74,6 @@ def guided_chunks(
     start = first
     while start < n_items:
         size = max(floor, (n_items - start) // (2 * n_workers))
-        if max_chunk is not None:
-            size = max(floor, min(size, max_chunk))
         stop = min(n_items, start + size)
         chunks.append((start, stop))
         start = stop
@@ -103,34 +100,21 @@ class Plan:
         return 1 + len(guided_chunks(self.n_items, self.n_workers, first=1, min_chunk=1))
 
     def cut_rest(
-        self,
-        probe_seconds: float,
-        min_chunk_seconds: float,
-        max_chunk_seconds: float | None = None,
+        self, probe_seconds: float, min_chunk_seconds: float, max_chunk_seconds: float = 0.0
     ) -> list[Chunk]:
         """Chunks for items 1.. once the probe's time per item is known.
 
-        ``max_chunk_seconds`` bounds a chunk's work (by the probe's time),
-        for runs whose results are read while they go on: they then arrive
-        steadily instead of a quarter of the run at a time.
+        ``max_chunk_seconds`` (when > 0 and the item time is known) caps a
+        chunk's work: a journaled run learns of completed items per chunk,
+        so that is the work a crash can cost per worker.
         """
         floor = min_chunk_for(probe_seconds, self.n_items, self.n_workers, min_chunk_seconds)
-        ceiling = None
-        if max_chunk_seconds is not None:
-            per_item = probe_seconds if probe_seconds > 0 else None
-            ceiling = (
-                int(max_chunk_seconds / per_item)
-                if per_item
-                else max(1, self.n_items // (16 * self.n_workers))
-            )
         spans = guided_chunks(
-            self.n_items,
-            self.n_workers,
-            chunksize=self.chunksize,
-            first=1,
-            min_chunk=floor,
-            max_chunk=ceiling,
+            self.n_items, self.n_workers, chunksize=self.chunksize, first=1, min_chunk=floor
         )
+        if max_chunk_seconds > 0 and probe_seconds > 0 and self.chunksize is None:
+            cap = max(floor, int(max_chunk_seconds / probe_seconds))
+            spans = [(s, min(e, s + cap)) for a, b in spans for s in range(a, b, cap) for e in (b,)]
         rest = [Chunk(len(self.chunks) + k, s, e) for k, (s, e) in enumerate(spans)]
         self.chunks.extend(rest)
         return rest

@@ -68,6 +68,7 @@ from ..errors import (
     WorkerDiedError,
 )
 from . import captured, hints, tracebacks, worker_warnings
+from .journal import CHUNK_SECONDS, Journal
 from .planning import Chunk, Plan
 from .protocol import ChunkResult, Payload, RemoteError, Subset
 from .reporting import ThrottledReport
@@ -127,6 +128,11 @@ class Run:
         ``items`` with the same ``out=`` arrays: checked before anything
         runs (:meth:`.resume.Prior.check`), then only the items it did not
         complete run, and its results are merged into this run's, once.
+    journal
+        The run's :class:`.journal.Journal`, opened (and checked) by the
+        caller: what it recorded counts as done, like a ``resume=``; the
+        ledger feeds it as chunks come back, and chunks are cut to at most
+        ``journal.CHUNK_SECONDS`` of work.
 
     Whatever happens, the run ends with ``done`` (one bool per item) and
     what completed, which every error it raises carries (``exc.done``,
@@ -149,12 +155,16 @@ class Run:
         retries: int = 0,
         item_timeout: float | None = None,
         resume: Any = None,
+        journal: Journal | None = None,
     ) -> None:
         self.fn = fn
         self.id = new_run_id()
         self.all_items = items
         # Checked before anything runs: a resume that cannot be merged is refused.
         self.prior = None if resume is None else Prior.check(resume, fn, items, inputs.outputs)
+        self.journal = journal
+        if journal is not None:  # what it recorded is done, like a resume='s
+            self.prior = journal.begin(self.prior)
         self.positions: np.ndarray | None = None  # the caller's index of each item run
         if self.prior is not None:
             self.positions = np.flatnonzero(~self.prior.done)
@@ -219,8 +229,9 @@ class Run:
                     stacked = transport.stack_results(value, self.n_items)
                     with self.lock:
                         self.first, self.stacked = value, stacked
+                cap = self.chunk_seconds or (CHUNK_SECONDS if self.journal is not None else 0.0)
                 with self.lock:  # readers map results to chunks through the plan
-                    rest = plan.cut_rest(seconds, transport.min_chunk_seconds, self.chunk_seconds)
+                    rest = plan.cut_rest(seconds, transport.min_chunk_seconds, cap)
                 self._run_chunks(rest)
         except BaseException as exc:
             raise self._stopped(exc) from _cause(exc)
@@ -368,6 +379,8 @@ class Run:
             if self.cancel_requested:
                 raise RunCancelled()  # worded by _stopped, once what was running is kept
             self.show_progress()
+            if self.journal is not None:
+                self.journal.tick(self)
             if self.item_timeout is not None:
                 self._stop_overdue_items()
             if self.pending and self._past_deadline():
@@ -386,6 +399,8 @@ class Run:
         chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
         worker_warnings.reissue(res.warnings, self.fn)
         self.results[res.chunk] = res
+        if self.journal is not None:
+            self.journal.took(res, chunk)
         self.done[chunk.start : chunk.start + res.done] = True
         for index, err in res.failed.items():
             self.done[index] = False

@@ -234,6 +234,13 @@ class Transport(ABC):
         their items (they then surface as :class:`WorkerLost`)."""
         raise NotImplementedError(f"the {self.name} backend cannot stop a single item")
 
+    def output_state(self) -> tuple[np.ndarray, ...] | None:
+        """Arrays holding, now, the ``out=`` writes of every item whose
+        chunk came back, in the order of ``inputs.outputs``: what a journal
+        records mid-run. None when the writes reach the caller only when
+        the run lands them (the journal then records them at the end)."""
+        return None
+
     def land_outputs(self) -> None:  # noqa: B027 - optional hook
         """Make the writes of completed items into ``inputs.outputs``
         visible in the caller's arrays; called once, whether the run

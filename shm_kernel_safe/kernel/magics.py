@@ -29,6 +29,7 @@ from ..errors import (
     CellSyntaxError,
     DaskBackendError,
     InvalidArgumentError,
+    JournalError,
     ParallelInterrupt,
     RunFailed,
 )
@@ -37,7 +38,7 @@ from ..memory.arrays import handle_of, label, share
 from ..memory.share_cache import cache as share_cache
 from ..transports.dask import cluster as dask_cluster
 from ..transports.local import pool
-from . import cells
+from . import cells, journaling
 
 _BACKEND_KWARG = re.compile(r"backend='(\w+)'")
 
@@ -184,6 +185,32 @@ class ShmMagics(Magics):
         "it kept",
     )
     @argument(
+        "--journal",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="record completed items on disk, so that running the cell again (also in a new "
+        "kernel, after a crash or a restart) runs only the rest; on by default, in the "
+        "per-user cache folder; PATH names the file",
+    )
+    @argument(
+        "--no-journal",
+        action="store_true",
+        help="no journal (also: the environment variable SHM_KERNEL_SAFE_JOURNAL=0)",
+    )
+    @argument(
+        "--journal-reset",
+        action="store_true",
+        help="discard this cell's journal first: start from scratch",
+    )
+    @argument(
+        "--keep-journal",
+        action="store_true",
+        help="keep the journal when the run finishes (running the cell again then returns "
+        "its results without running anything)",
+    )
+    @argument(
         "--background",
         action="store_true",
         help="return at once and run in the background: -r NAME holds the run's handle "
@@ -276,6 +303,7 @@ class ShmMagics(Magics):
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
         key = run_key(spec, args)
         prior = self._prior_run(key) if args.resume else None
+        journal = journaling.journal_for(args, key, line, fn, ns)
         try:
             result = parallel_map(
                 fn,
@@ -294,8 +322,12 @@ class ShmMagics(Magics):
                 item_timeout=args.item_timeout,
                 resume=prior,
                 threads_per_worker=args.threads,
+                journal=journal,
+                keep_journal=args.keep_journal,
                 wait=not args.background,
             )
+        except JournalError as exc:
+            raise UsageError(journaling.refusal(exc)) from None
         except InvalidArgumentError as exc:
             if exc.argument == "client" and args.client and isinstance(exc, TypeError):
                 kind = type(client).__name__
@@ -305,7 +337,7 @@ class ShmMagics(Magics):
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
         except (RunFailed, KeyboardInterrupt) as exc:
-            self._kept_on_failure(key, exc, args.result)
+            self._kept_on_failure(key, exc, args.result, journaled=journal is not None)
             raise
         if args.background:
             self._started(result, key, args.result)
@@ -319,7 +351,9 @@ class ShmMagics(Magics):
             ns[args.result] = result
         return None
 
-    def _kept_on_failure(self, key: tuple, exc: BaseException, result: Any) -> None:
+    def _kept_on_failure(
+        self, key: tuple, exc: BaseException, result: Any, journaled: bool = False
+    ) -> None:
         """After a failed run: keep what completed, and say how to resume."""
         if getattr(exc, "done", None) is None:
             return
@@ -327,6 +361,11 @@ class ShmMagics(Magics):
         if result is not None:
             self.shell.user_ns[result] = exc.partial  # type: ignore[attr-defined]
         hint = "run the cell again with --resume to do only the rest"
+        if journaled:  # the journal resumes it, in this kernel or a new one
+            hint = (
+                "run the cell again to do only the rest: its journal keeps them "
+                "(--resume does the same in this kernel)"
+            )
         if isinstance(exc, RunFailed):
             exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
         elif isinstance(exc, ParallelInterrupt):
@@ -567,15 +606,20 @@ class ShmMagics(Magics):
         print(f"Dask clusters: {len(clusters)}")
         for line in clusters:
             print(line)
+        for line in journaling.status_lines():
+            print(line)
 
     @line_magic
     def shm_cleanup(self, line: str = "") -> None:
-        """Remove segments left in /dev/shm by dead processes of this user."""
+        """Remove segments left in /dev/shm by dead processes of this user,
+        and journals of unfinished runs older than two weeks."""
         removed = janitor.cleanup_stale()
         if not removed:
             print("nothing to clean: no stale segments of this user")
         for seg in removed:
             print(f"removed {seg.name} ({human_bytes(seg.nbytes)}, owner pid {seg.owner_pid})")
+        for path in janitor.remove_old_journals():
+            print(f"removed journal {path} (older than {janitor.JOURNAL_MAX_AGE_DAYS} days)")
 
 
 def run_key(spec: cells.LoopSpec, args: Any) -> tuple:

@@ -8,6 +8,11 @@ is ours (prefix + this user's tag), the file is owned by this uid, and no
 process with that pid is alive. A recycled pid makes us keep a dead segment,
 never remove a live one.
 
+Journals of runs that never finished (see ``engine/journal.py``) stay in
+the per-user cache folder until their run finishes; the janitor removes
+those older than :data:`JOURNAL_MAX_AGE_DAYS` that no running call holds
+(when a journal is first opened in a process, and on ``cleanup``).
+
 The same holds for the named semaphores of loky, which runs our pools:
 ``sem.loky-<pid>-<n>``, made by the process that owns a pool. A pool's
 owner killed outright leaves them until its resource tracker, once every
@@ -20,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass
 
-from .._platform import current_user_tag, pid_alive, shm_directory
+from .._platform import current_user_tag, journal_directory, pid_alive, shm_directory
 from . import naming
 
 #: loky's named semaphores in /dev/shm: ``sem.`` + ``/loky-<pid>-<n>``.
@@ -139,4 +145,66 @@ def cleanup_stale(directory: str | None = None) -> list[StaleSegment]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, seg.name))  # type: ignore[arg-type]
             removed.append(seg)
+    return removed
+
+
+#: File name suffix of journals.
+JOURNAL_SUFFIX = ".sksj"
+#: Journals in the default folder older than this (days) are removed.
+JOURNAL_MAX_AGE_DAYS = 14
+#: Journals a run of this process holds (its POSIX lock does not conflict
+#: with this process's own, and closing any descriptor would drop it).
+held_journals: set[str] = set()
+
+
+def in_use(path: str) -> bool:
+    """Whether a running call (of this process or another) holds the journal at ``path``."""
+    if os.path.abspath(path) in held_journals:
+        return True
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_old_journals(
+    directory: str | None = None, max_age_days: float = JOURNAL_MAX_AGE_DAYS
+) -> list[str]:
+    """Remove journals older than ``max_age_days`` that no running call holds.
+
+    Parameters
+    ----------
+    directory : str, optional
+        Where to look (default: the per-user cache folder's ``journals``).
+    max_age_days : float
+        Age, since the journal was last written, above which it goes.
+
+    Returns
+    -------
+    list of str
+        The paths removed.
+    """
+    directory = journal_directory() if directory is None else directory
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    limit = time.time() - max_age_days * 86400
+    for entry in os.scandir(directory):
+        if not (entry.name.endswith(JOURNAL_SUFFIX) or entry.name.startswith(".sksj-")):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_mtime < limit and not in_use(entry.path):
+                os.unlink(entry.path)
+                removed.append(entry.path)
     return removed

@@ -59,6 +59,7 @@ class SerialTransport(Transport):
         self.interrupted: ChunkResult | None = None
         self.keep_going = False
         self.frozen: list[np.ndarray] = []
+        self.outputs: tuple[np.ndarray, ...] = ()
 
     def encode(
         self,
@@ -73,7 +74,7 @@ class SerialTransport(Transport):
         # The arrays the function captures are read-only for the run, as in
         # workers (where a write would change a copy), except outputs and
         # writable shared arrays, which workers write in place too.
-        outputs = inputs.outputs
+        outputs = self.outputs = inputs.outputs
         self.frozen = captured.freeze(
             payload.fn,
             lambda arr: (
@@ -128,6 +129,9 @@ class SerialTransport(Transport):
 
     def items_done(self) -> int:
         return self.done
+
+    def output_state(self) -> tuple[np.ndarray, ...] | None:
+        return self.outputs  # items write the caller's own arrays
 
     def cancel(self, grace: float, kill: bool) -> list[ChunkResult]:
         self.stopped = True

@@ -193,6 +193,8 @@ class DaskTransport(Transport):
         self.payload = buf.getvalue()
         self.arrays = pickler.arrays
         self.outs = pickler.outs
+        self.outputs = inputs.outputs
+        self.landed: set[int] = set()  # chunks whose writes output_state applied
 
     def start(self, chunk_bound: Callable[[int], int], heartbeat: Heartbeat) -> None:
         cluster.import_distributed()
@@ -538,6 +540,15 @@ class DaskTransport(Transport):
                 self.killed.add(pid)
                 stopped.append(item)
         return stopped
+
+    def output_state(self) -> tuple[np.ndarray, ...] | None:
+        # The writes travel with the chunks' results: applied to the caller's
+        # arrays as they come back (land_outputs applies them all, in order, at the end).
+        for c in sorted(set(self.finished) - self.landed):
+            for key, (index, changed) in self.finished[c].writes.items():
+                self.outs[key].flat[index] = changed
+            self.landed.add(c)
+        return tuple(self.outputs)
 
     def land_outputs(self) -> None:
         for c in sorted(self.finished):

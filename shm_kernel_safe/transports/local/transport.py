@@ -151,12 +151,16 @@ class LocalTransport(Transport):
         self.workers = max(1, min(self.workers, len(payload.items)))
         self.ledger = os.path.join(tempfile.gettempdir(), f"sks-ledger-{self.call_id}-")
         replace: dict[int, SharedArray] = {}
+        self.outputs_now: list[np.ndarray] = []
         for arr in inputs.outputs:
             if handle_of(arr) is None:
                 shared = share(arr)
                 self.owned.append(shared.name)
                 replace[id(arr)] = shared
                 self.copy_back.append((arr, shared.view()))
+                self.outputs_now.append(self.copy_back[-1][1])
+            else:
+                self.outputs_now.append(arr)
         data, self.report = sharing.dumps(
             Payload(payload.fn, payload.items, _NamedNow()),  # type: ignore[arg-type]
             inputs.threshold,
@@ -356,7 +360,10 @@ class LocalTransport(Transport):
             done, pending = cf.wait(list(self.futures), timeout=grace)
             for fut in done:
                 with contextlib.suppress(Exception):
-                    results.append(fut.result())
+                    res = fut.result()
+                    if res.logged:  # values the message left in the chunk's log
+                        self._values_from_log(res)
+                    results.append(res)
             kill = bool(pending)
         self.futures.clear()
         if kill and self.lease is not None:
@@ -388,6 +395,10 @@ class LocalTransport(Transport):
                 table[row, ITEM_STARTED] = 0  # stopped once
                 overdue.append(index)
         return overdue
+
+    def output_state(self) -> tuple[np.ndarray, ...] | None:
+        # Workers write the shared copies (or the caller's shared arrays) in place.
+        return tuple(self.outputs_now)
 
     def land_outputs(self) -> None:
         for original, shared in self.copy_back:
