@@ -138,7 +138,7 @@ _overwrite_carriage_returns()
 
 
 def _public_bases(app, name, obj, options, bases: list) -> None:
-    """Show a private base class (``_RemoteFailure``) as its public bases."""
+    """Show a private base class as its public bases."""
     expanded: list = []
     for base in bases:
         for b in base.__bases__ if base.__name__.startswith("_") else (base,):

@@ -8,7 +8,8 @@ The library works without IPython: :func:`share`, :func:`empty`,
 from __future__ import annotations
 
 from ._malloc import tune_malloc
-from .api import last_errors, parallel_map, prestart
+from .api import imap, last_errors, parallel_map, prestart, status
+from .engine.background import RunHandle
 from .engine.journal import JournalInfo, discard_journal, journals
 from .errors import (
     CellSyntaxError,
@@ -26,6 +27,8 @@ from .errors import (
     PartialResults,
     PerformanceHint,
     ResumeFunctionChangedWarning,
+    RunCancelled,
+    RunFailed,
     SegmentNotFoundError,
     SharedMemoryCapacityError,
     ShmKernelSafeError,
@@ -100,6 +103,9 @@ __all__ = [
     "PartialResults",
     "PerformanceHint",
     "ResumeFunctionChangedWarning",
+    "RunCancelled",
+    "RunFailed",
+    "RunHandle",
     "SegmentNotFoundError",
     "SharedArray",
     "SharedMemoryCapacityError",
@@ -112,6 +118,7 @@ __all__ = [
     "empty",
     "find_stale",
     "handle_of",
+    "imap",
     "is_dangling",
     "is_protected",
     "journals",
@@ -123,6 +130,7 @@ __all__ = [
     "share",
     "share_cache_limit",
     "shutdown_pools",
+    "status",
     "tune_malloc",
     "unprotect",
     "zeros",

@@ -6,19 +6,21 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from .displays import make_progress
+from .displays import TextProgress, make_progress
+from .engine import background
+from .engine.background import RunHandle
 from .engine.callsite import warn_at_caller
 from .engine.journal import Journal
 from .engine.options import check_run
 from .engine.pickling import DEFAULT_THRESHOLD
 from .engine.run import ProgressCallback, Run
 from .engine.transport import TransportOptions
-from .errors import FailedItems, ItemsFailedWarning
+from .errors import FailedItems, InvalidArgumentError, ItemsFailedWarning
 from .transports import registry
 from .transports.local.transport import prestart as _prestart_local
 
@@ -26,6 +28,9 @@ from .transports.local.transport import prestart as _prestart_local
 BACKENDS = tuple(registry.TRANSPORTS)
 
 _last = threading.local()  # the failed items of this thread's last call
+
+
+__all__ = ["BACKENDS", "RunHandle", "imap", "last_errors", "parallel_map", "prestart", "status"]
 
 
 def last_errors() -> FailedItems:
@@ -87,8 +92,9 @@ def parallel_map(
     threads_per_worker: int | None = None,
     journal: str | os.PathLike | bool | None = None,
     keep_journal: bool = False,
+    wait: bool = True,
     **unknown: Any,
-) -> np.ndarray | np.ma.MaskedArray | list:
+) -> np.ndarray | np.ma.MaskedArray | list | RunHandle:
     """Apply ``fn`` to every item in worker processes; results in item order.
 
     Big arrays that ``fn`` reaches (closure, globals, defaults) or that are
@@ -193,14 +199,24 @@ def parallel_map(
     keep_journal : bool
         Keep the journal of a finished run (a later identical call then
         returns its results at once).
+    wait : bool
+        False: return a :class:`RunHandle` at once and run in the
+        background (a thread of this process waits for the workers), so
+        that the kernel stays free; see "Long runs" in the docs. The
+        arguments are checked and big inputs copied before it returns; a
+        progress widget is shown at once (Jupyter), a text bar never (it
+        would interleave with other cells' output): the handle's repr says
+        how far it got. On the serial backend the items run on that thread
+        and the arrays the function captures stay read-only until it ends.
     **unknown
         Not accepted: names other libraries use (``n_jobs``, ``verbose``...)
         raise an :class:`InvalidArgumentTypeError` saying which of ours to use.
 
     Returns
     -------
-    numpy.ndarray, numpy.ma.MaskedArray or list
-        One rule on every backend, always memory the caller owns:
+    numpy.ndarray, numpy.ma.MaskedArray, list or RunHandle
+        A :class:`RunHandle` with ``wait=False``. Otherwise one rule on
+        every backend, always memory the caller owns:
 
         =====================================  ==============================
         per-item results                       returned
@@ -283,10 +299,13 @@ def parallel_map(
         # is replayed into the caller's arrays here.
         opened = Journal.open(journal, fn, seq, args.inputs.outputs, keep=bool(keep_journal))
     transport = transport_type.from_options(transport_options)
-    _last.errors = None
+    if wait:
+        _last.errors = None
     # A display made here (progress given as a mode) is ours to close, also
     # when the call fails before it runs (a cluster that cannot start).
     display = make_progress(progress) if isinstance(progress, str) else None
+    if not wait and isinstance(display, TextProgress):
+        display = None  # a text bar from a thread would land in other cells' output
     callback = display if isinstance(progress, str) else progress
     try:
         run = Run(
@@ -303,15 +322,21 @@ def parallel_map(
             resume=resume,  # checked, and merged once, by the run
             journal=opened,
         )
+        if not wait:
+            run.prepare()  # the inputs as they are now; what cannot travel raises here
+            return _in_background(run, transport, display, opened)
         result = run.execute()
     except BaseException as exc:
         if opened is not None:  # what the run completed stays recorded
             opened.finish(run if "run" in locals() else None, ok=False)
         if display is not None:
             display.close(error=exc)
+        if not wait:
+            transport.release()  # else released below
         raise
     finally:
-        transport.release()
+        if wait:
+            transport.release()
     if opened is not None:
         opened.finish(run, ok=True)
     if display is not None:
@@ -320,6 +345,126 @@ def parallel_map(
         _last.errors = run.failed_items
         warn_at_caller(ItemsFailedWarning(run.failed_items.summary(), run.failed_items))
     return result
+
+
+def _in_background(run: Run, transport: Any, display: Any, opened: Any = None) -> RunHandle:
+    """Start ``run`` on a thread of its own; its handle."""
+
+    def body() -> Any:
+        try:
+            result = run.execute()
+        except BaseException as exc:
+            if opened is not None:  # what the run completed stays recorded
+                opened.finish(run, ok=False)
+            if display is not None:
+                display.close(error=exc)
+            raise
+        finally:
+            transport.release()
+        if opened is not None:
+            opened.finish(run, ok=True)
+        if display is not None:
+            display.close(note=handle.end_note)
+        return result
+
+    handle = RunHandle(run, body)
+    run.chunk_seconds = background.CHUNK_SECONDS
+    callback = run.show_progress.callback
+
+    def report(done: int, total: int) -> None:
+        handle.report(done, total)
+        if callback is not None:
+            callback(done, total)
+
+    run.show_progress.callback = report
+    if display is not None:  # shown now, under the cell that started the run
+        display.delay = 0.0
+        display(0, run.n_items)
+    return handle.start()
+
+
+def imap(
+    fn: Callable[[Any], Any], items: Iterable[Any], ordered: bool = True, **options: Any
+) -> Iterator[Any]:
+    """Apply ``fn`` to every item in worker processes, yielding results as they come.
+
+    The same run as :func:`parallel_map` (zero-copy inputs, chunks,
+    progress, ``errors=``, every backend), consumed as it goes: a result is
+    yielded when its chunk is back, so that a long run can be plotted,
+    saved or stopped early without waiting for its end.
+
+    Parameters
+    ----------
+    fn, items
+        As for :func:`parallel_map`.
+    ordered : bool
+        True: the results in item order (a result waits for those before
+        it). False: ``(index, result)`` pairs as soon as any completes.
+    **options
+        Any keyword argument of :func:`parallel_map` but ``wait``,
+        ``resume`` and ``journal``.
+
+    Yields
+    ------
+    object or (int, object)
+        Each item's result; with ``ordered=False``, with its index.
+
+    Raises
+    ------
+    RunFailed
+        When the run fails (``errors="raise"``), once the results that
+        completed before it stopped are out (in order: those up to the
+        first item not done). With
+        ``errors="continue"``, failed items are skipped and one
+        :class:`ItemsFailedWarning` lists them at the end.
+
+    Notes
+    -----
+    Leaving the loop early (``break``, an exception, the generator closed
+    or garbage-collected) cancels the items still to run and stops their
+    workers. Results come a chunk at a time; ``chunksize=1`` hands out
+    each one as soon as it completes, at the cost of a message per item.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> list(sks.imap(abs, [-2, -1, 0, 1], backend="serial"))
+    [2, 1, 0, 1]
+    >>> sorted(sks.imap(abs, [-2, 3], ordered=False, backend="serial"))
+    [(0, 2), (1, 3)]
+    """
+    for name in ("wait", "resume", "journal"):
+        if name in options:
+            raise InvalidArgumentError(name, "is not an argument of imap")
+    handle = parallel_map(fn, items, wait=False, **options)
+    return _stream(handle, ordered)
+
+
+def _stream(handle: RunHandle, ordered: bool) -> Iterator[Any]:
+    try:
+        for index, value in handle.stream(ordered):
+            yield value if ordered else (index, value)
+    finally:
+        handle.cancel()  # a no-op once the run ended
+
+
+def status() -> dict[str, Any]:
+    """What this process runs and holds, as data (``%shm_status`` prints it).
+
+    Returns
+    -------
+    dict
+        ``"runs"``: one dict per background run still going (``name``,
+        ``id``, ``state``, ``completed``, ``total``, ``failed``,
+        ``elapsed`` and ``eta`` in seconds, ``summary``), oldest first.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> sks.status()["runs"]
+    []
+    """
+    return {"runs": background.status()}
 
 
 #: parallel_map's own keyword arguments, for the "did you mean" of a typo.

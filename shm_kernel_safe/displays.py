@@ -76,8 +76,8 @@ class _Progress:
     def draw(self) -> None:  # pragma: no cover - overridden
         pass
 
-    def close(self, error: BaseException | None = None) -> None:  # pragma: no cover
-        pass
+    def close(self, error: BaseException | None = None, note: str | None = None) -> None:
+        """End the display: done, or failed with ``error``; ``note`` ends its last line."""
 
 
 class TextProgress(_Progress):
@@ -101,11 +101,13 @@ class TextProgress(_Progress):
         self._out.write(self.line())
         self._out.flush()
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(self, error: BaseException | None = None, note: str | None = None) -> None:
         if not self.shown:
             return
         self.draw()
         reason = f"  failed: {_reason(error)}" if error is not None else "  done"
+        if note:
+            reason += f"; {note}"
         self._out.write(reason + "\n")
         self._out.flush()
 
@@ -138,12 +140,14 @@ class WidgetProgress(_Progress):
         self.bar.value = self.done
         self.label.value = f"<code>{self.summary()}</code>"
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(self, error: BaseException | None = None, note: str | None = None) -> None:
         if not self.shown:
             return
         self.draw()
         if error is None:
             self.bar.bar_style = "success"
+            if note:
+                self.label.value += f" <b>done</b>; {note}"
         else:
             self.bar.bar_style = "danger"
             self.label.value = f"<code>{self.summary()}</code> <b>failed:</b> {_reason(error)}"

@@ -17,10 +17,11 @@ trouble (a full ``/dev/shm`` is a ``MemoryError``, a bad argument a
         │   └── InvalidArgumentTypeError   (TypeError)
         ├── DaskBackendError               the dask backend cannot run
         ├── JournalError                   a journal= that does not match or is damaged
-        └── run failures, each with done/partial (PartialResults):
+        └── RunFailed                      a run stopped; with done/partial (PartialResults)
             ├── TaskError                  an item raised
             ├── WorkerDiedError            a worker died (segfault, OOM kill, os._exit)
-            └── ParallelTimeoutError       (TimeoutError) timeout= passed
+            ├── ParallelTimeoutError       (TimeoutError) timeout= passed
+            └── RunCancelled               cancel() of a run handle, %shm_cancel
     KeyboardInterrupt
     └── ParallelInterrupt                  Ctrl-C / kernel interrupt, with done/partial
     UserWarning
@@ -183,12 +184,24 @@ class PartialResults:
     run = None
 
 
-class _RemoteFailure(PartialResults, ShmKernelSafeError):
-    """Failures that happened in another process.
+class RunFailed(PartialResults, ShmKernelSafeError):
+    """A run stopped before completing every item; the base of its errors.
+
+    Catch this to handle every way a run can fail on purpose (an item that
+    raised, a dead worker, a timeout, a cancel) in one place; each carries
+    what completed (``done``, ``partial``, see :class:`PartialResults`), and
+    ``resume=exc`` runs the rest. An interrupt is a ``KeyboardInterrupt``
+    instead (:class:`ParallelInterrupt`).
 
     IPython calls ``_render_traceback_`` (as for ipyparallel's RemoteError)
     and shows its lines instead of the local stack, which would only show
     engine internals: the user sees the item and the remote traceback.
+
+    Examples
+    --------
+    >>> import shm_kernel_safe as sks
+    >>> issubclass(sks.TaskError, sks.RunFailed)
+    True
     """
 
     #: Set by the front end (the magic) to say how to resume in its own terms.
@@ -206,7 +219,7 @@ class _RemoteFailure(PartialResults, ShmKernelSafeError):
         return head
 
 
-class TaskError(_RemoteFailure):
+class TaskError(RunFailed):
     """A task raised: names the item and carries the remote traceback.
 
     ``__cause__`` is the original exception when it could be pickled back.
@@ -266,7 +279,7 @@ class TaskError(_RemoteFailure):
         super().__init__(text)
 
 
-class WorkerDiedError(_RemoteFailure):
+class WorkerDiedError(RunFailed):
     """A worker process died (segfault, os._exit, OOM kill) during a call.
 
     The pool is replaced; carries what completed (``done``, ``partial``).
@@ -285,11 +298,24 @@ class WorkerDiedError(_RemoteFailure):
         super().__init__(message)
 
 
-class ParallelTimeoutError(_RemoteFailure, TimeoutError):
+class ParallelTimeoutError(RunFailed, TimeoutError):
     """A call ran past its ``timeout=``; its workers were stopped.
 
     Also a ``TimeoutError``; carries what completed (``done``, ``partial``).
     """
+
+
+class RunCancelled(RunFailed):
+    """A run was cancelled (``handle.cancel()``, ``%shm_cancel``, breaking
+    out of :func:`~shm_kernel_safe.imap`); its workers stopped.
+
+    Raised by the handle's ``result()``; carries what completed (``done``,
+    ``partial``), so ``parallel_map(..., resume=exc)`` runs the rest.
+    """
+
+
+#: The name this base had while it was private; kept for code that caught it.
+_RemoteFailure = RunFailed
 
 
 class ParallelInterrupt(PartialResults, KeyboardInterrupt):
@@ -298,6 +324,18 @@ class ParallelInterrupt(PartialResults, KeyboardInterrupt):
     A ``KeyboardInterrupt``, so ``except KeyboardInterrupt`` still catches
     it; carries what completed (``done``, ``partial``) like the other errors.
     """
+
+    #: Set by the front end (the magic) to say how to resume in its own terms.
+    resume_hint: str | None = None
+
+    def __str__(self) -> str:
+        if self.resume_hint is None or self.done is None:
+            return super().__str__()
+        completed = int(self.done.sum())
+        return (
+            f"interrupted after {completed} of {len(self.done)} items, which were kept; "
+            f"{self.resume_hint}"
+        )
 
 
 class ItemsFailedWarning(UserWarning):

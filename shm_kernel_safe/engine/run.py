@@ -29,6 +29,14 @@ submitted again. Culprits (the items dead workers were running) fail or go
 again on a fresh worker (``retries``); ``exc.done`` and ``exc.partial`` of
 any error are ``done`` and the values it marks.
 
+A run may wait on another thread than its caller's (a background run,
+``engine.background``): the ledger is then read by the caller while it is
+fed, so every change to it and every read from outside (:meth:`Run.snapshot`,
+:meth:`Run.new_values`) holds ``Run.lock``; the transport waits, and items
+run (serial), without it. :meth:`Run.cancel` may be called from any thread:
+the wait loop notices it within ``POLL_INTERVAL`` (the serial transport
+between items) and ends with :class:`RunCancelled`.
+
 Every wait is bounded and named: ``wait`` returns within ``POLL_INTERVAL``;
 a run ends on ``timeout=`` (``ParallelTimeoutError``), a worker death
 (``WorkerDiedError`` unless recovered), a stalled pool (``WorkerDiedError``
@@ -39,6 +47,7 @@ a run ends on ``timeout=`` (``ParallelTimeoutError``), a worker death
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +62,7 @@ from ..errors import (
     ParallelInterrupt,
     ParallelTimeoutError,
     PartialResults,
+    RunCancelled,
     ShmKernelSafeError,
     TaskError,
     WorkerDiedError,
@@ -62,7 +72,7 @@ from .journal import CHUNK_SECONDS, Journal
 from .planning import Chunk, Plan
 from .protocol import ChunkResult, Payload, RemoteError, Subset
 from .reporting import ThrottledReport
-from .results import assemble, gather, item_values
+from .results import assemble, gather, item_values, stored_value
 from .resume import (
     OutputRecord,
     Prior,
@@ -182,6 +192,12 @@ class Run:
         self.plan: Plan | None = None
         self.pending: set[int] = set()
         self.show_progress = ThrottledReport(progress, self.n_items, transport.items_done)
+        # Guards the ledger against readers on other threads; notified when it grows.
+        self.lock = threading.Condition()
+        self.cancel_requested = False
+        self.prepared = False
+        # Most seconds of work per chunk, for runs read while they go on.
+        self.chunk_seconds: float | None = None
 
     # -- the happy path ------------------------------------------------------------
     def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
@@ -192,17 +208,7 @@ class Run:
         transport = self.transport
         if self.n_items == 0:  # nothing (left) to run: no process starts
             return self._outcome()[1]
-        try:
-            transport.encode(
-                Payload(self.fn, self.items),
-                self.inputs,
-                keep_going=self.keep_going,
-                item_timeout=self.item_timeout,
-            )
-        except (ShmKernelSafeError, MemoryError):
-            raise  # our own errors (no room in /dev/shm...) say what happened
-        except Exception as exc:
-            raise unpicklable_error(self.fn, exc) from exc
+        self.prepare()
         try:
             transport.start(self._chunk_bound, self._heartbeat)
         except KeyboardInterrupt as exc:
@@ -220,10 +226,13 @@ class Run:
                     fixed = time.monotonic() - started - seconds
                     hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
                 if self.done[0] and 0 not in self.failures:
-                    self.first = value
-                    self.stacked = transport.stack_results(value, self.n_items)
-                cap = CHUNK_SECONDS if self.journal is not None else 0.0
-                self._run_chunks(plan.cut_rest(seconds, transport.min_chunk_seconds, cap))
+                    stacked = transport.stack_results(value, self.n_items)
+                    with self.lock:
+                        self.first, self.stacked = value, stacked
+                cap = self.chunk_seconds or (CHUNK_SECONDS if self.journal is not None else 0.0)
+                with self.lock:  # readers map results to chunks through the plan
+                    rest = plan.cut_rest(seconds, transport.min_chunk_seconds, cap)
+                self._run_chunks(rest)
         except BaseException as exc:
             raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
@@ -235,6 +244,69 @@ class Run:
             errors = [self.failures[i] for i in sorted(self.failures)]
             self.failed_items = FailedItems(errors, done, result, self.record())
         return result
+
+    def prepare(self) -> None:
+        """Encode the payload (big inputs copied to shared memory); no process starts.
+
+        Called by :meth:`execute`, or before it by a caller that starts the
+        run on another thread: the inputs are then read as they are when
+        the call returns, and a payload that cannot travel raises there.
+        """
+        if self.prepared or self.n_items == 0:
+            return
+        self.prepared = True
+        try:
+            self.transport.encode(
+                Payload(self.fn, self.items),
+                self.inputs,
+                keep_going=self.keep_going,
+                item_timeout=self.item_timeout,
+            )
+        except (ShmKernelSafeError, MemoryError):
+            raise  # our own errors (no room in /dev/shm...) say what happened
+        except Exception as exc:
+            raise unpicklable_error(self.fn, exc) from exc
+
+    def cancel(self) -> None:
+        """Ask the run to stop (from any thread): it ends with :class:`RunCancelled`."""
+        self.cancel_requested = True
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray | np.ma.MaskedArray | list, dict]:
+        """(done, partial, failures) as they stand, safe from any thread.
+
+        ``partial`` is built from copies (:func:`~.results.assemble`), never
+        a view of the run's shared memory.
+        """
+        with self.lock:
+            done, partial = self._outcome()
+            return done, partial, dict(self.failures)
+
+    def new_values(self, given: dict[int, int]) -> list[tuple[int, Any]]:
+        """(index, value) of the items completed since the last call, safe
+        from any thread; ``given`` (chunk -> items handed out) is the caller's
+        state between calls. Failed items are left out (see ``failures``)."""
+        out: list[tuple[int, Any]] = []
+        with self.lock:
+            if self.plan is None:
+                return out
+            for number, res in list(self.results.items()):
+                start = self.plan.chunks[number].start
+                begin = given.get(number, 0)
+                for k in range(begin, res.done):
+                    index = start + k
+                    if index in res.failed or not self.done[index]:
+                        continue
+                    if index in res.misfits:
+                        value = res.misfits[index]
+                    elif res.values is not None and k < len(res.values):
+                        value = res.values[k]
+                    elif self.stacked is not None:
+                        value = stored_value(self.stacked, index, self.first)
+                    else:
+                        continue
+                    out.append((self._original(index), value))
+                given[number] = res.done
+        return out
 
     def _outcome(self) -> tuple[np.ndarray, np.ndarray | np.ma.MaskedArray | list]:
         """(done, result) over the caller's items: this run's values, merged
@@ -291,16 +363,21 @@ class Run:
             try:
                 finished = self.transport.wait(self._poll_timeout())
             except WorkerLost as lost:
-                self._recover(lost)
+                with self.lock:
+                    self._recover(lost)
                 continue
             errors = []
-            for res in finished:  # every result of the batch is kept before one raises
-                try:
-                    self._take(res)
-                except TaskError as exc:
-                    errors.append(exc)
+            with self.lock:
+                for res in finished:  # every result of the batch is kept before one raises
+                    try:
+                        self._take(res)
+                    except TaskError as exc:
+                        errors.append(exc)
+                self.lock.notify_all()
             if errors:
                 raise min(errors, key=lambda e: e.index)
+            if self.cancel_requested:
+                raise RunCancelled()  # worded by _stopped, once what was running is kept
             self.show_progress()
             if self.journal is not None:
                 self.journal.tick(self)
@@ -426,7 +503,7 @@ class Run:
         if self.plan is not None:  # else nothing was submitted, nothing to stop
             try:
                 for res in self.transport.cancel(CANCEL_GRACE, kill=kill):
-                    with contextlib.suppress(TaskError):
+                    with self.lock, contextlib.suppress(TaskError):
                         self._take(res)
             finally:
                 self.transport.land_outputs()
@@ -436,8 +513,14 @@ class Run:
                 f"interrupted after {done} of {self.n_items} items; their results are kept "
                 f"(exc.partial), parallel_map(..., resume=exc) runs the rest"
             )
+        if isinstance(exc, RunCancelled) and not exc.args:
+            exc.args = (
+                f"cancelled after {int(self.done.sum())} of {self.n_items} items; their "
+                f"results are kept (exc.partial), parallel_map(..., resume=exc) runs the rest",
+            )
         if isinstance(exc, PartialResults):
-            exc.done, exc.partial = self._outcome()
+            with self.lock:
+                exc.done, exc.partial = self._outcome()
             exc.run = self.record()
         return exc
 
@@ -451,7 +534,7 @@ class Run:
 
     def _heartbeat(self) -> bool:
         self.show_progress()
-        return self._past_deadline()
+        return self._past_deadline() or self.cancel_requested
 
     # -- errors ------------------------------------------------------------------
     def _original(self, index: int) -> int:

@@ -32,6 +32,8 @@ def load_ipython_extension(shell: Any) -> None:
     hooks = InspectionHooks(shell)
     hooks.install()
     shell.register_magics(ShmMagics)
+    # Background runs' names are rebound by the kernel's thread, before a cell runs.
+    shell.events.register("pre_run_cell", _magics(shell).settle)
     lifecycle.hook_kernel_shutdown()
     _state[id(shell)] = {"hooks": hooks, "we_protected": we_protected}
     if os.environ.get(PRESTART_ENV, "") == "1":
@@ -54,12 +56,20 @@ def _prestart_in_background() -> None:
     start_in_background(default.workers, default.start_method, default.threads)
 
 
+def _magics(shell: Any) -> Any:
+    """The ShmMagics instance registered in ``shell``."""
+    return shell.magics_manager.registry.get("ShmMagics")
+
+
 def unload_ipython_extension(shell: Any) -> None:
     """Undo exactly what :func:`load_ipython_extension` did."""
     state = _state.pop(id(shell), None)
     if state is None:
         return
     state["hooks"].uninstall()
+    instance = _magics(shell)
+    if instance is not None:
+        shell.events.unregister("pre_run_cell", instance.settle)
     magics = shell.magics_manager.magics
     for kind, names in ShmMagics.magics.items():  # filled in by @magics_class
         for name in names:

@@ -1,6 +1,12 @@
 """The IPython magics: ``%%shm_parallel``, ``%shm_share``, ``%shm_status``,
-``%shm_cleanup``. A thin layer: parse a line, collect names from the user
-namespace, call the library, write owned copies back."""
+``%shm_cleanup``, ``%shm_wait``, ``%shm_cancel``. A thin layer: parse a
+line, collect names from the user namespace, call the library, write owned
+copies back.
+
+A ``--background`` run's handle is bound to its ``-r NAME`` at once; when
+the run has ended, ``NAME`` is rebound to its results by the kernel's own
+thread, at the start of the next cell (IPython's ``pre_run_cell`` event),
+never by the run's thread while user code runs."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .._text import human_bytes
-from ..api import BACKENDS, last_errors, parallel_map
+from ..api import BACKENDS, RunHandle, last_errors, parallel_map, status
 from ..engine.captured import captured_writes
 from ..engine.options import as_sequence
 from ..engine.reporting import PROGRESS_MODES
@@ -25,7 +31,7 @@ from ..errors import (
     InvalidArgumentError,
     JournalError,
     ParallelInterrupt,
-    _RemoteFailure,
+    RunFailed,
 )
 from ..memory import janitor, segments
 from ..memory.arrays import handle_of, label, share
@@ -50,6 +56,7 @@ OPTION_OF = {
     "retries": "--retries",
     "item_timeout": "--item-timeout",
     "resume": "--resume",
+    "wait": "--background",
 }
 
 
@@ -62,6 +69,8 @@ class ShmMagics(Magics):
         # run_key -> what the last failed run of that loop kept (its error or
         # last_errors()), for --resume; the engine checks it against the run
         self._resumable: dict[tuple, Any] = {}
+        # --background runs not yet settled: (handle, run_key, -r NAME)
+        self._background: list[tuple[RunHandle, tuple, str | None]] = []
 
     @magic_arguments()
     @argument(
@@ -201,6 +210,14 @@ class ShmMagics(Magics):
         help="keep the journal when the run finishes (running the cell again then returns "
         "its results without running anything)",
     )
+    @argument(
+        "--background",
+        action="store_true",
+        help="return at once and run in the background: -r NAME holds the run's handle "
+        "(NAME.partial, NAME.progress, NAME.cancel()) until the run ends, then its "
+        "results, from the start of the next cell on; see %%shm_status, %%shm_wait, "
+        "%%shm_cancel",
+    )
     @cell_magic
     def shm_parallel(self, line: str, cell: str) -> None:
         """Run the cell once per item, in worker processes, safely.
@@ -242,6 +259,15 @@ class ShmMagics(Magics):
         other, with the same results and errors: put ``breakpoint()`` in the
         cell, or run ``%debug`` after a failure to land in the failing item's
         frame. ``-n`` and ``--start-method`` are then ignored.
+
+        ``--background`` returns at once and the kernel stays free: ``-r
+        NAME`` holds the run's handle (``NAME.partial``: a copy of what
+        completed, ``NAME.progress``, ``NAME.cancel()``) and, once the run
+        ended, its results from the start of the next cell on; one line
+        then says how it ended. ``--out`` arrays get the final values when
+        it ends (shared ones, and on ``--backend serial``, as items
+        complete). Ctrl-C interrupts the cell in front, never the run:
+        ``%shm_cancel NAME`` stops it, keeping what completed.
         """
         try:
             spec = cells.split_line(line)
@@ -298,6 +324,7 @@ class ShmMagics(Magics):
                 threads_per_worker=args.threads,
                 journal=journal,
                 keep_journal=args.keep_journal,
+                wait=not args.background,
             )
         except JournalError as exc:
             raise UsageError(journaling.refusal(exc)) from None
@@ -309,9 +336,12 @@ class ShmMagics(Magics):
             raise UsageError(self._restate(exc, spec.iterable, args)) from None
         except DaskBackendError as exc:
             raise UsageError(str(exc)) from None
-        except (_RemoteFailure, KeyboardInterrupt) as exc:
+        except (RunFailed, KeyboardInterrupt) as exc:
             self._kept_on_failure(key, exc, args.result, journaled=journal is not None)
             raise
+        if args.background:
+            self._started(result, key, args.result)
+            return None
         failed = last_errors()
         if failed:
             self._resumable[key] = failed
@@ -330,18 +360,109 @@ class ShmMagics(Magics):
         self._resumable[key] = exc
         if result is not None:
             self.shell.user_ns[result] = exc.partial  # type: ignore[attr-defined]
-        completed = int(exc.done.sum())  # type: ignore[attr-defined]
-        total = len(exc.done)  # type: ignore[attr-defined]
         hint = "run the cell again with --resume to do only the rest"
         if journaled:  # the journal resumes it, in this kernel or a new one
             hint = (
                 "run the cell again to do only the rest: its journal keeps them "
                 "(--resume does the same in this kernel)"
             )
-        if isinstance(exc, _RemoteFailure):
+        if isinstance(exc, RunFailed):
             exc.resume_hint = hint + (f" ({result} holds the partial results)" if result else "")
         elif isinstance(exc, ParallelInterrupt):
-            exc.args = (f"interrupted after {completed} of {total} items, which were kept; {hint}",)
+            exc.resume_hint = hint
+
+    # -- background runs ---------------------------------------------------------------
+    def _started(self, handle: RunHandle, key: tuple, name: str | None) -> None:
+        """A --background run started: bind its handle, say where to look."""
+        handle.name = name
+        self._background.append((handle, key, name))
+        if name is None:
+            print("running in the background; see %shm_status, %shm_wait, %shm_cancel")
+            return
+        self.shell.user_ns[name] = handle
+        handle.end_note = f"{name} holds the results from the next cell on"
+        print(
+            f"{name}: running in the background; {name}.partial holds what completed, "
+            f"%shm_cancel {name} stops it; {name} is its result from the cell after it ends"
+        )
+
+    def settle(self, info: Any = None) -> None:
+        """Rebind the ``-r NAME`` of each ended background run to its results,
+        with one line on how it ended; ``pre_run_cell`` (the kernel's own
+        thread, before the cell's code) and the magics that wait call it."""
+        if info is not None and getattr(info, "store_history", True) is False:
+            # A frontend's own hidden execute (JupyterLab's Variable Inspector
+            # runs one after each cell): its output is never shown, so the
+            # line would be lost; the user's next cell settles.
+            return
+        ended = [entry for entry in self._background if entry[0].done()]
+        self._background = [entry for entry in self._background if not entry[0].done()]
+        for handle, key, name in ended:
+            self._settle_one(handle, key, name)
+
+    def _settle_one(self, handle: RunHandle, key: tuple, name: str | None) -> None:
+        ns = self.shell.user_ns
+        label = name or "background run"
+        if name is not None and ns.get(name) is not handle:
+            name = None  # the user rebound it: theirs now
+        try:
+            result = handle.result()
+        except Exception as exc:  # what a blocking cell would have raised
+            self._kept_on_failure(key, exc, name)
+            kept = ""
+            if getattr(exc, "done", None) is not None:
+                kept = f"; {name} holds the partial results (masked where not done)" if name else ""
+                kept += "; run the cell again with --resume to do only the rest"
+            what = str(exc).splitlines()[0] if str(exc) else ""
+            why = "" if handle.state == "cancelled" or not what else f" ({what})"
+            print(f"{label}: {handle.summary()}{why}{kept}")
+            return
+        failed = handle.errors
+        if failed:
+            self._resumable[key] = failed
+        else:
+            self._resumable.pop(key, None)
+        holds = ""
+        if name is not None:
+            ns[name] = result
+            holds = f"; {name} holds the results"
+        print(f"{label}: {handle.summary()}{holds}")
+
+    def _runs_named(self, line: str, magic: str) -> list[RunHandle]:
+        """The runs ``line`` names (every one of ours when it names none)."""
+        names = line.split()
+        if not names:
+            return [h for h, _, _ in self._background if not h.done()]
+        handles = []
+        for name in names:
+            value = self.shell.user_ns.get(name)
+            if not isinstance(value, RunHandle):
+                value = next((h for h, _, n in self._background if n == name), None)
+            if value is None:
+                raise UsageError(f"%{magic} {name}: {name} is not a background run")
+            handles.append(value)
+        return handles
+
+    @line_magic
+    def shm_wait(self, line: str = "") -> None:
+        """Wait until background runs end: ``%shm_wait [NAME ...]`` (all by default).
+
+        Then each ``NAME`` holds its run's results. Ctrl-C stops the
+        waiting, never the run.
+        """
+        for handle in self._runs_named(line, "shm_wait"):
+            while not handle.wait(0.2):
+                pass
+        self.settle()
+
+    @line_magic
+    def shm_cancel(self, line: str = "") -> None:
+        """Stop background runs, keeping what completed: ``%shm_cancel [NAME ...]``
+        (all by default). Each ``NAME`` then holds the partial results, and
+        ``--resume`` on the cell runs the rest."""
+        for handle in self._runs_named(line, "shm_cancel"):
+            handle.cancel()
+        self.settle()
 
     def _prior_run(self, key: tuple) -> Any:
         """What the last failed run of this loop kept, for ``--resume``; the
@@ -439,9 +560,13 @@ class ShmMagics(Magics):
 
     @line_magic
     def shm_status(self, line: str = "") -> None:
-        """Shared-memory segments of this kernel, stale ones, cached copies of
-        ordinary arrays, warm pools (with their BLAS threads per worker) and
-        dask clusters."""
+        """Background runs (name, progress, time left), shared-memory segments
+        of this kernel, stale ones, cached copies of ordinary arrays, warm
+        pools (with their BLAS threads per worker) and dask clusters."""
+        runs = status()["runs"]
+        print(f"Background runs: {len(runs)}")
+        for run in runs:
+            print(f"  {run['name'] or run['id']}  <run {run['summary']}>")
         live = segments.live_segments()
         print(f"Segments of this kernel: {len(live)}")
         for rec in live:

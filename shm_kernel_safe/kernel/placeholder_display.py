@@ -8,8 +8,9 @@ shows text only for types it knows and ``"<Type> object of <module> module"``
 for everything else. So, in a spyder-kernels console, we wrap that function
 (looked up as a module global by ``make_remote_view`` and by the collection
 displays, in spyder-kernels 2.3+ and 3.x) so that a placeholder shows its
-:meth:`~shm_kernel_safe.kernel.inspection.DanglingArray.describe` text, and every
-other value goes to Spyder's own function unchanged. The wrapper is removed
+:meth:`~shm_kernel_safe.kernel.inspection.DanglingArray.describe` text and a
+background run's handle its one-line repr, and every other value goes to
+Spyder's own function unchanged. The wrapper is removed
 exactly at ``%unload_ext``.
 """
 
@@ -25,12 +26,17 @@ NSVIEW = "spyder_kernels.utils.nsview"
 #: Class attribute that marks the placeholder type (set by ``inspection``,
 #: which imports this module: a marker instead of an import keeps them acyclic).
 MARKER = "_shm_kernel_safe_placeholder_"
+#: Class attribute of our other types whose one-line ``repr`` is their row
+#: (a background run's handle: ``<run 5230/8760 items, 1m12s left>``).
+ROW_MARKER = "_shm_kernel_safe_row_"
 
 
 def _describe(value: Any) -> str | None:
-    """The placeholder's text, or None for any other value."""
+    """The placeholder's text, a run handle's repr, or None for any other value."""
     if getattr(type(value), MARKER, False):
         return value.describe()
+    if getattr(type(value), ROW_MARKER, False):
+        return repr(value)
     return None
 
 
