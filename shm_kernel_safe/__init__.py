@@ -42,7 +42,7 @@ from .memory.share_cache import cache as _share_cache
 from .memory.stdlib_patch import is_protected, protect, unprotect
 from .transports.local.pool import shutdown_all as shutdown_pools
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 
 def share_cache_limit(max_bytes: int | None = None) -> int:
