@@ -246,10 +246,8 @@ class LocalTransport(Transport):
                 raise self._lost(exc) from None
         results = []
         for fut in done:
-            res = fut.result()
+            res = self._result_of(fut)
             del self.futures[fut]
-            if res.logged:
-                self._values_from_log(res)
             results.append(res)
         now = time.monotonic()
         if results or self._any_running():
@@ -332,6 +330,14 @@ class LocalTransport(Transport):
                 res.failed[index] = obj
         return res
 
+    def _result_of(self, future: cf.Future) -> ChunkResult:
+        """A finished chunk's result, whole: every path that takes one
+        (results, a cancel, a broken pool's salvage) goes through here."""
+        res = future.result()
+        if res.logged:
+            self._values_from_log(res)
+        return res
+
     def _values_from_log(self, res: ChunkResult) -> None:
         """Put back the values a chunk's message left in its log."""
         start = self.chunks[res.chunk].start
@@ -360,10 +366,7 @@ class LocalTransport(Transport):
             done, pending = cf.wait(list(self.futures), timeout=grace)
             for fut in done:
                 with contextlib.suppress(Exception):
-                    res = fut.result()
-                    if res.logged:  # values the message left in the chunk's log
-                        self._values_from_log(res)
-                    results.append(res)
+                    results.append(self._result_of(fut))
             kill = bool(pending)
         self.futures.clear()
         if kill and self.lease is not None:
@@ -450,13 +453,10 @@ class LocalTransport(Transport):
         self.lease.stop_workers()
         lost = sorted(self.futures.values(), key=lambda c: c.number)
         came_back = {
-            self.futures[f].number: f.result()
+            self.futures[f].number: self._result_of(f)
             for f in list(self.futures)
             if f.done() and not f.cancelled() and f.exception() is None
         }
-        for res in came_back.values():
-            if res.logged:
-                self._values_from_log(res)
         salvage = [
             came_back.get(c.number)
             or self._with_log(ChunkResult(c.number, done=self._row_done(c.number)))
