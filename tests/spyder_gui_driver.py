@@ -83,6 +83,15 @@ y[nn] = float(x[nn].sum())
 """
 PARALLEL_CHECK = "print('parallel y agrees:', bool(np.allclose(y, x[:300].sum(axis=1))))\n"
 
+# A background run: the console is free at once, and the Variable
+# Explorer shows the run handle's one-line repr while it runs (~6 s).
+BACKGROUND = """\
+%%shm_parallel nn in range(600) --background -r bg -n 2
+__import__("time").sleep(0.02)
+float(x[nn].sum())
+"""
+BACKGROUND_CHECK = "print('background bg agrees:', bool(np.allclose(bg, x[:600].sum(axis=1))))\n"
+
 EXTENSION_CHECK = (
     "print('extension loaded:', 'shm_kernel_safe' in get_ipython().extension_manager.loaded)\n"
 )
@@ -216,6 +225,18 @@ class Scenario:
         text = self.console_text()
         checks["worker_print_seen"] = "worker prints item 7" in text
         checks["parallel_agrees"] = "parallel y agrees: True" in text
+        yield self.run_cell(BACKGROUND)
+        yield self.run_cell("during_background = 1\n")  # a refresh while it runs
+        yield (
+            lambda: self.variable_rows().get("bg", {}).get("Value", "").startswith("<run "),
+            30,
+            "the run handle's row while it runs",
+        )
+        checks["background_row"] = self.variable_rows()["bg"]
+        self.screenshot("background_run")
+        yield self.run_cell("%shm_wait bg\n")
+        yield self.run_cell(BACKGROUND_CHECK)  # bg is the results from this cell on
+        checks["background_agrees"] = "background bg agrees: True" in self.console_text()
         checks["rows"] = self.variable_rows()
         checks["kernel_died_at_end"] = self.kernel_died()
         checks["kernel_pids_at_end"] = self.kernel_pids()

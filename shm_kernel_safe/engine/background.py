@@ -72,9 +72,8 @@ def _fmt_span(seconds: float) -> str:
 
 
 class RunHandle:
-    """A run that goes on in the background; returned by
-    ``parallel_map(..., wait=False)`` and bound by ``%%shm_parallel ...
-    --background -r NAME``.
+    """A run that goes on in the background, as ``parallel_map(fn, items,
+    wait=False)`` returns it and ``%%shm_parallel --background -r NAME`` binds it.
 
     The kernel stays free while the workers fill the results: look at
     :attr:`partial` (a safe copy of what completed), :attr:`progress` and

@@ -146,6 +146,9 @@ def test_real_spyder_with_extension(display_env, tmp_path):
     # %%shm_parallel --out, with a worker's print in the console.
     assert checks["worker_print_seen"] and checks["parallel_agrees"], why
     assert rows["y"]["Size"] == "[300]", why
+    # --background: the handle's row while the run goes on, the results after.
+    assert "items" in checks["background_row"]["Value"], why
+    assert checks["background_agrees"], why
 
 
 def test_real_spyder_without_extension_kernel_dies(display_env, tmp_path):

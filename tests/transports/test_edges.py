@@ -196,19 +196,21 @@ def two_runs_at_once(log) -> dict[str, object]:
         rows = np.zeros(300)
         fn = recorder(log, rows, die_at=120)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", sks.ItemsFailedWarning)
-                outcome["dying"] = sks.parallel_map(
-                    fn, range(300), processes=2, errors="continue", out=[rows]
-                )
+            # (warnings' filters are the process's, not this thread's: the
+            # caller ignores the failures' summary around both threads)
+            outcome["dying"] = sks.parallel_map(
+                fn, range(300), processes=2, errors="continue", out=[rows]
+            )
         except BaseException as exc:
             outcome["dying"] = exc
 
     threads = [threading.Thread(target=healthy), threading.Thread(target=dying)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sks.ItemsFailedWarning)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
     return outcome
 
 
