@@ -73,3 +73,15 @@ def _ours(entries: set[str], foreign: set[int]) -> set[str]:
     from shm_kernel_safe.memory.naming import parse_name
 
     return {e for e in entries if (p := parse_name(e)) is None or p.pid not in foreign}
+
+
+@pytest.fixture
+def stale_cleaned():
+    """For tests that SIGKILL whole process groups (an owner with its
+    resource tracker): what they leave (our segments, loky's semaphores)
+    is what the janitor is for. It must remove all of it."""
+    yield
+    import shm_kernel_safe as sks
+
+    sks.cleanup_stale()
+    assert not sks.find_stale(), "the janitor left stale entries behind"

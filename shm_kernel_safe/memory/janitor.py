@@ -14,7 +14,7 @@ those older than :data:`JOURNAL_MAX_AGE_DAYS` that no running call holds
 (when a journal is first opened in a process, and on ``cleanup``).
 
 The same holds for the named semaphores of loky, which runs our pools:
-``sem.loky-<pid>-<n>``, made by the process that owns a pool. A pool's
+``sem.loky-<pid>-<random>``, made by the process that owns a pool. A pool's
 owner killed outright leaves them until its resource tracker, once every
 worker is gone, unlinks them; a tracker killed too never does. Unlinking a
 name never disturbs a process that has the semaphore open.
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from .._platform import current_user_tag, journal_directory, pid_alive, shm_directory
 from . import naming
 
-#: loky's named semaphores in /dev/shm: ``sem.`` + ``/loky-<pid>-<n>``.
-_LOKY_SEMAPHORE = re.compile(r"sem\.loky-(\d+)-\d+")
+#: loky's named semaphores in /dev/shm: ``sem.`` + ``/loky-<pid>-<random>``,
+#: the random part from ``tempfile``'s name sequence (letters, digits, ``_``).
+_LOKY_SEMAPHORE = re.compile(r"sem\.loky-(\d+)-\w+")
 
 
 def _owner_pid(name: str, tag: str) -> int | None:

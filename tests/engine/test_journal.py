@@ -84,13 +84,6 @@ def _wait_gone(pids: list[int]) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def stale_cleaned():
-    """The segments of the scripts killed by the test are removed after it."""
-    yield
-    sks.cleanup_stale()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigkill_at_random_moments_never_reruns_recorded_items(kw, tmp_path, stale_cleaned):

@@ -21,7 +21,6 @@ import numpy as np
 import psutil
 import pytest
 
-import shm_kernel_safe as sks
 from shm_kernel_safe.engine import journal as jmod
 
 from ..kernels import execute, kernel
@@ -60,13 +59,6 @@ def _side(path: str) -> list[int]:
 
 def _journal_files(cache: str) -> list[str]:
     return glob.glob(os.path.join(cache, "shm_kernel_safe", "journals", "*.sksj"))
-
-
-@pytest.fixture
-def stale_cleaned():
-    """The segments of the kernels killed by the test are removed after it."""
-    yield
-    sks.cleanup_stale()
 
 
 @pytest.mark.timeout(900)

@@ -69,10 +69,12 @@ def test_janitor_removes_only_dead_owners_segments():
 
 SEMAPHORE_OWNER = r"""
 import os, _multiprocessing
-# A named semaphore as loky names them, left behind as by a process killed
+from loky.backend.synchronize import SemLock
+# A named semaphore named by loky itself, left behind as by a process killed
 # together with its resource tracker: never unlinked.
-_multiprocessing.SemLock(1, 1, 1, f"/loky-{os.getpid()}-7", False)
-print(os.getpid(), flush=True)
+name = SemLock._make_name()
+_multiprocessing.SemLock(1, 1, 1, name, False)
+print(name, flush=True)
 os._exit(0)
 """
 
@@ -84,8 +86,8 @@ def test_janitor_removes_loky_semaphores_of_dead_processes_only():
     out = subprocess.run(
         [sys.executable, "-c", SEMAPHORE_OWNER], capture_output=True, text=True, check=True
     )
-    dead_name = f"sem.loky-{int(out.stdout)}-7"
-    live_name = f"sem.loky-{os.getpid()}-99991"
+    dead_name = "sem." + out.stdout.strip().lstrip("/")
+    live_name = f"sem.loky-{os.getpid()}-live_x9q"
     mine = _multiprocessing.SemLock(1, 1, 1, "/" + live_name[4:], False)
     try:
         assert os.path.exists(f"/dev/shm/{dead_name}") and os.path.exists(f"/dev/shm/{live_name}")
