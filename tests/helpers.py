@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 
 import psutil
 
@@ -146,3 +148,23 @@ def worker_children() -> list[psutil.Process]:
             continue
         out.append(child)
     return out
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str):
+    """A tmpfs of ``size`` (``"1m"``) mounted in a fresh folder, for a disk
+    or a /dev/shm that fills; the test is skipped where mounting needs root."""
+    import pytest
+
+    mnt = tempfile.mkdtemp()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], capture_output=True
+    )
+    if result.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        os.rmdir(mnt)

@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
@@ -28,6 +27,7 @@ import shm_kernel_safe as sks
 from shm_kernel_safe.engine import journal as jmod
 
 from ..backends import backend, kw  # noqa: F401 - fixtures
+from ..helpers import small_tmpfs
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -307,16 +307,8 @@ def test_truncated_tail_is_reported_and_cut_damage_is_refused(tmp_path):
 @pytest.fixture
 def small_disk():
     """A 1 MiB tmpfs: a disk that fills during the run."""
-    mnt = tempfile.mkdtemp()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True
-    )
-    if result.returncode != 0:
-        os.rmdir(mnt)
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", mnt], check=False)
-    os.rmdir(mnt)
+    with small_tmpfs("1m") as mnt:
+        yield mnt
 
 
 @pytest.mark.timeout(120)

@@ -4,15 +4,13 @@ any write (the alternative is SIGBUS on first touch)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 
 import pytest
 
 import shm_kernel_safe as sks
 from shm_kernel_safe.memory import capacity
 
-from ..helpers import shm_entries
+from ..helpers import shm_entries, small_tmpfs
 
 
 def test_statvfs_check_names_bytes_and_fix():
@@ -30,31 +28,23 @@ def test_statvfs_check_names_bytes_and_fix():
 
 
 @pytest.fixture
-def small_tmpfs():
-    mnt = tempfile.mkdtemp()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt], capture_output=True
-    )
-    if result.returncode != 0:
-        os.rmdir(mnt)
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", mnt], check=False)
-    os.rmdir(mnt)
+def small_shm():
+    with small_tmpfs("8m") as mnt:
+        yield mnt
 
 
-def test_fallocate_reservation_turns_sigbus_into_error(small_tmpfs):
+def test_fallocate_reservation_turns_sigbus_into_error(small_shm):
     """Like Docker's 64 MB /dev/shm: the check passes (racing writer) but the
     reservation of real pages fails, so the caller gets an error, not SIGBUS."""
-    path = os.path.join(small_tmpfs, "seg")
+    path = os.path.join(small_shm, "seg")
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, 32 << 20)  # succeeds on tmpfs: the trap
         with pytest.raises(sks.SharedMemoryCapacityError) as info:
-            capacity.reserve(fd, 32 << 20, directory=small_tmpfs)
-        assert small_tmpfs in str(info.value)
-        capacity.reserve(fd, 1 << 20, directory=small_tmpfs)  # what fits is fine
+            capacity.reserve(fd, 32 << 20, directory=small_shm)
+        assert small_shm in str(info.value)
+        capacity.reserve(fd, 1 << 20, directory=small_shm)  # what fits is fine
     finally:
         os.close(fd)
     with pytest.raises(sks.SharedMemoryCapacityError):
-        capacity.check_capacity(16 << 20, directory=small_tmpfs)
+        capacity.check_capacity(16 << 20, directory=small_shm)
