@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks
+from ..errors import InvalidArgumentTypeError
 from .segments import Segment, describe, segment_name_of_mapping
 
 _CHAIN_LIMIT = 10_000
@@ -179,8 +181,13 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
 
     Raises
     ------
-    TypeError
-        For an object dtype (its elements are pointers into this process).
+    InvalidArgumentTypeError
+        For an object dtype (its elements are pointers into this process),
+        or a ``shape``, ``dtype`` or ``order`` of the wrong kind (also a
+        ``TypeError``).
+    InvalidArgumentError
+        For a negative dimension or an ``order`` other than "C" and "F"
+        (also a ``ValueError``).
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it (checked before any byte is written).
 
@@ -197,10 +204,16 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
     >>> sks.handle_of(y) is not None  # workers get it by name, with no copy
     True
     """
-    shape_t = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)  # type: ignore[arg-type]
-    dtype = np.dtype(dtype)
+    shape_t = _checks.shape("shape", shape)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise InvalidArgumentTypeError("dtype", f"is not a numpy dtype: {exc}") from None
     if dtype.hasobject:
-        raise TypeError("object arrays hold pointers into one process and cannot be shared")
+        raise InvalidArgumentTypeError(
+            "dtype", "holds Python objects: pointers into one process, which cannot be shared"
+        )
+    _checks.choice("order", order, ("C", "F"))
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dtype.itemsize
     seg = Segment.create(nbytes, description=f"{shape_t} {dtype}")
     arr = np.ndarray(shape_t, dtype, buffer=seg.root, order=order)
@@ -228,8 +241,8 @@ def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
 
     Raises
     ------
-    TypeError
-        For an object dtype.
+    InvalidArgumentError
+        As :func:`empty`.
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it.
 

@@ -153,13 +153,16 @@ WRONG = {
     "share_threshold": ["big", -1, 1.5],
     "share": [5, [1, 2], [[1, 2]], "x"],
     "out": [[[1, 2]], 5, [np.array(["a"], dtype=object)]],
-    "progress": [True, "bar", 5],
+    "progress": [True, "bar", 5, lambda: None, lambda done: None],
     "backend": ["loky", "ray", 3],
     "client": ["tcp://127.0.0.1:1"],
     "errors": ["ignore", 1],
     "retries": [-1, 1.5, "2"],
     "item_timeout": [0, "1"],
     "threads_per_worker": [0, 1.5],
+    "journal": [5, [1]],
+    "keep_journal": ["yes", 2],
+    "wait": ["no", 0],
     "n_jobs": [2],
     "verbose": [10],
 }
@@ -223,7 +226,30 @@ def test_other_public_functions_refuse_wrong_arguments_by_name():
     for value in (-1, 1.5, "1"):
         with pytest.raises(sks.InvalidArgumentError, match="max_bytes"):
             sks.share_cache_limit(value)
+    for name, call in [
+        ("n_jobs", lambda: sks.prestart(n_jobs=2)),
+        ("ordered", lambda: sks.imap(abs, range(3), ordered="yes")),
+        ("shape", lambda: sks.zeros(-1)),
+        ("shape", lambda: sks.empty(2.5)),
+        ("shape", lambda: sks.zeros("a")),
+        ("shape", lambda: sks.empty((2, None))),
+        ("dtype", lambda: sks.zeros(3, dtype="bogus")),
+        ("dtype", lambda: sks.empty(3, dtype=object)),
+        ("order", lambda: sks.zeros(3, order="X")),
+        ("directory", lambda: sks.find_stale(5)),
+        ("directory", lambda: sks.cleanup_stale(5)),
+        ("directory", lambda: sks.journals(5)),
+        ("journal", lambda: sks.discard_journal(5)),
+    ]:
+        with pytest.raises(sks.InvalidArgumentError) as e:
+            call()
+        assert e.value.argument == name and name in str(e.value), (name, e.value)
     assert _children() <= before
+
+
+def test_prestart_says_which_name_a_peers_keyword_is():
+    with pytest.raises(TypeError, match=r"no n_jobs= argument; did you mean processes="):
+        sks.prestart(n_jobs=2)
 
 
 def test_the_magics_options_are_refused_before_any_process_starts(ip, capsys):
