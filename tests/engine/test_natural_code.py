@@ -143,6 +143,25 @@ def test_the_magic_treats_a_written_array_as_out(ip, kw, capsys, size):
     assert printed.count("treated as --out y") == 1, printed
 
 
+# -- runaway processes ---------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:processes=1000 is more than:UserWarning")
+def test_a_thousand_processes_for_five_items_start_five_at_most(kw):
+    """Never more workers than items, on every transport (the warning of
+    processes above the CPU count: test_edges)."""
+    got = sks.parallel_map(abs, range(5), **{**kw, "processes": 1000})
+    assert got.tolist() == list(range(5))
+    if kw["backend"] == "local":
+        from shm_kernel_safe.transports.local import pool
+
+        (info,) = pool.pool_info()
+        assert len(info["pids"]) <= 5
+    elif kw["backend"] == "dask":
+        from shm_kernel_safe.transports.dask import cluster
+
+        assert len(cluster.get_client(None).nthreads()) <= 5
+        sks.parallel_map(abs, range(2), **{**kw, "processes": 2})  # the module's size again
+
+
 # -- arguments ----------------------------------------------------------------------
 WRONG = {
     "items": [5, np.array(5), "abc"],
