@@ -283,9 +283,9 @@ def share(a: Any) -> SharedArray:
 
     Raises
     ------
-    TypeError
+    InvalidArgumentTypeError
         For an object dtype (its elements are Python objects private to
-        this process).
+        this process); also a ``TypeError``.
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it.
 
@@ -303,9 +303,11 @@ def share(a: Any) -> SharedArray:
         return a
     arr = np.asarray(a)
     if arr.dtype.hasobject:
-        raise TypeError(
-            f"cannot share an array of dtype object (shape {arr.shape}): its elements are "
-            "Python objects private to this process"
+        private = "its elements are Python objects private to this process"
+        raise InvalidArgumentTypeError(
+            "a",
+            f"is an object array: {private}",
+            message=f"cannot share an array of dtype object (shape {arr.shape}): {private}",
         )
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     out = empty(arr.shape, arr.dtype, order=order)

@@ -255,6 +255,7 @@ def test_other_public_functions_refuse_wrong_arguments_by_name():
         ("dtype", lambda: sks.zeros(3, dtype="bogus")),
         ("dtype", lambda: sks.empty(3, dtype=object)),
         ("order", lambda: sks.zeros(3, order="X")),
+        ("a", lambda: sks.share(np.array([None, 1]))),
         ("directory", lambda: sks.find_stale(5)),
         ("directory", lambda: sks.cleanup_stale(5)),
         ("directory", lambda: sks.journals(5)),
