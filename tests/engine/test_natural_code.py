@@ -313,6 +313,19 @@ def test_tiny_items_on_a_cold_pool_get_one_hint():
     assert hints[0].filename == __file__  # points at the user's call
 
 
+def test_tiny_items_after_a_first_copy_get_one_hint_on_every_transport(kw):
+    # A fresh 128 MB input (no copy of it kept from an earlier call): its
+    # first trip to the workers costs tens of milliseconds at least, 200
+    # items of microseconds a few. In-process (serial) there is no such
+    # cost, and nothing to say.
+    fresh = np.ones((2_000_000, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sks.parallel_map(lambda i: fresh.shape[0] + i, range(200), **kw)
+    hints = [str(w.message) for w in caught if issubclass(w.category, sks.PerformanceHint)]
+    assert len(hints) == (kw["backend"] != "serial"), hints
+
+
 def test_items_that_outweigh_the_fixed_costs_say_nothing(kw):
     sks.parallel_map(abs, range(2), **kw)  # the pool or cluster warm and idle
     with warnings.catch_warnings(record=True) as caught:
