@@ -350,6 +350,25 @@ def test_the_hint_compares_the_run_with_its_fixed_costs():
     assert issubclass(sks.PerformanceHint, UserWarning)
 
 
+def test_troubleshooting_starts_with_the_hint_as_users_see_it():
+    """The docs' first section is "parallel is not faster", quotes the
+    message the library prints for the README's first call (8760 items of
+    ~8 us, 1.4 s of fixed costs), and gives the causes in order."""
+    import pathlib
+    import re
+
+    from shm_kernel_safe.engine.hints import hint_text
+
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "troubleshooting.md").read_text()
+    sections = re.findall(r"^## (.+)$", page, re.M)
+    assert sections[0] == "Parallel is not faster", sections
+    quoted = re.search(r"```text\nPerformanceHint: (.*?)```", page, re.S)
+    assert quoted is not None
+    assert " ".join(quoted.group(1).split()) == hint_text(8760, 8e-6, 1.4)
+    causes = re.findall(r"^\d\. \*\*(.+?)\*\*", page, re.M)[:3]
+    assert causes == ["Tiny items.", "The first call.", "Load."], causes
+
+
 @pytest.mark.usefixtures("no_orphans")
 def test_the_magics_hint_points_at_the_cell(ip):
     sks.shutdown_pools()
