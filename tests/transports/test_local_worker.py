@@ -343,3 +343,29 @@ def test_a_call_sends_each_worker_one_task_not_one_per_chunk(method, stacked, mo
     assert set(tasks) == {"run_rows"} and len(tasks) <= bound
     covered = sorted(i for c in chunks for i in range(c.start, c.stop))
     assert covered == list(range(8760))
+
+
+@pytest.mark.timeout(120)
+def test_chunks_run_in_the_order_they_were_cut_across_control_blocks():
+    # Capped chunks (journaled and background runs cap theirs) fill several
+    # control blocks, each more than a task's RETURN_SECONDS of work: one
+    # worker must still run them in order, a block's chunks before the
+    # next block's, not a task per block queued at once and each run for a
+    # quarter second in turn.
+    from shm_kernel_safe.engine.run import Run
+    from shm_kernel_safe.engine.transport import Inputs
+    from shm_kernel_safe.transports.local.transport import LocalTransport
+
+    def stamp(i):
+        time.sleep(0.0015)
+        return time.monotonic()
+
+    transport = LocalTransport(processes=1)
+    try:
+        run = Run(stamp, range(800), transport, inputs=Inputs(1 << 20))
+        run.chunk_seconds = 0.02
+        stamps = run.execute()
+        assert len(transport.blocks) > 2  # the case: chunks in several blocks
+    finally:
+        transport.release()
+    assert (np.diff(stamps) > 0).all()

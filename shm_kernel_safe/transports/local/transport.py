@@ -217,22 +217,30 @@ class LocalTransport(Transport):
         """Send workers tasks for the rows no worker has claimed yet.
 
         Called when the engine waits, so a batch of chunks goes out as one
-        task per worker. A task claims rows written before it was sent: new
-        rows get new tasks; rows left by tasks that returned early (see
-        ``worker.RETURN_SECONDS``) get as many as they need.
+        task per worker. A task claims rows of one block written before it
+        was sent; at most one task per worker is out, for the first blocks
+        with rows waiting, so chunks run in about the order they were cut
+        (a block's rows before the next block's). Rows left by tasks that
+        returned (see ``worker.RETURN_SECONDS``) get new ones.
         """
+        free = self.workers - len(self.futures)
         for block in range(self.live_from, len(self.blocks)):
+            if free <= 0:
+                return
             filled = self.filled.get(block, 0)
             waiting = filled - self.blocks[block][0].claimed()
             if waiting <= 0:
                 continue
             wanted = min(self.workers, waiting)
-            if filled > self.launched.get(block, 0):
-                self.launched[block] = filled
-            else:
+            if filled == self.launched.get(block, 0):
+                # tasks out on this block can still claim its waiting rows
                 wanted -= sum(1 for b in self.futures.values() if b == block)
-            for _ in range(wanted):
-                self._send_rows(block, filled)
+            wanted = min(wanted, free)
+            if wanted > 0:
+                self.launched[block] = filled
+                for _ in range(wanted):
+                    self._send_rows(block, filled)
+                free -= wanted
 
     def _send_rows(self, block: int, stop: int) -> None:
         task = RowsTask(
