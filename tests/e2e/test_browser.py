@@ -10,8 +10,8 @@ Each test saves the screenshot the docs show (docs/progress_widget.png,
 docs/long_run_notebook.png) once it has checked what the picture shows.
 
 Needs Debian's Chromium (/usr/bin/chromium, installed by .ci/run) and the
-``browser`` extra (jupyterlab, playwright); skipped without them. Playwright
-drives the system Chromium: no browser download.
+``browser`` extra (jupyterlab, playwright, matplotlib); skipped without
+them. Playwright drives the system Chromium: no browser download.
 """
 
 from __future__ import annotations
