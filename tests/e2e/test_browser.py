@@ -293,6 +293,8 @@ def test_background_run_partial_plot_in_jupyterlab(jupyterlab, tmp_path):
             )
             _run_cell(page, finish)
             finish.get_by_text("results agree: True").wait_for(timeout=120_000)
+            # The bar's last update travels on its own message: wait for it.
+            page.wait_for_function(f"() => ({BAR_STATE})().success", timeout=60_000)
             end = page.evaluate(BAR_STATE)
             assert end["success"] and end["width"] == 100, end
             assert "720/720" in end["label"] and "done" in end["label"], end
