@@ -11,7 +11,8 @@ arrays min/max), starts Spyder's main window as ``spyder --new-instance
 Spyder's own event loop (a driver that blocks while Spyder spins a nested
 event loop for one of its blocking comm calls would deadlock it). Cells go
 through ``ShellWidget.execute``, as Run cell does; the Variable Explorer is
-read through its Qt model, the text a user sees. What it saw goes to
+read through its Qt model, the text a user sees, in a landscape window
+where its Value column shows whole. What it saw goes to
 ``OUT_DIR/result.json``, with a screenshot of the window at each check
 (``OUT_DIR/*.png``).
 """
@@ -33,11 +34,22 @@ os.environ["SPYDER_CONFDIR"] = CONF_DIR
 os.environ.setdefault("QTWEBENGINE_DISABLE_SANDBOX", "1")  # root in CI
 sys.argv = ["spyder", "--new-instance", "--conf-dir", CONF_DIR]
 
+# The window: landscape, as on a laptop screen, inside the test's Xvfb
+# screen; the Variable Explorer, above the console, wide enough for a whole
+# row, Value column included. Drawn at twice the pixels (Spyder's own
+# "custom high DPI scaling"), so the screenshots stay readable where the
+# docs scale them down.
+WINDOW_SIZE = (1200, 840)
+VE_SHARE = 0.5  # of the height the Variable Explorer and the console share
+SCALE_FACTOR = "2"
+
 from spyder.config.manager import CONF  # noqa: E402 (after SPYDER_CONFDIR)
 
 CONF.set("main", "check_updates_on_startup", False)
 CONF.set("tours", "show_tour_message", False)
 CONF.set("variable_explorer", "minmax", True)
+CONF.set("main", "high_dpi_custom_scale_factor", True)
+CONF.set("main", "high_dpi_custom_scale_factors", SCALE_FACTOR)
 CONF.set(
     "ipython_console", "startup/run_lines", "%load_ext shm_kernel_safe" if MODE == "with" else ""
 )
@@ -45,6 +57,7 @@ for _plugin in ("completions", "help", "onlinehelp"):  # not needed; saves CPU
     CONF.set(_plugin, "enable", False)
 
 from qtpy.QtCore import Qt, QTimer  # noqa: E402
+from qtpy.QtGui import QFont, QFontMetrics  # noqa: E402
 from spyder.api.plugins import Plugins  # noqa: E402
 from spyder.app import mainwindow, start  # noqa: E402
 
@@ -175,6 +188,60 @@ class Scenario:
             rows[texts[0]] = dict(zip(headers, texts, strict=False))
         return rows
 
+    def landscape(self) -> None:
+        """Give the window ``WINDOW_SIZE`` and close the Editor pane.
+
+        Spyder's default layout maximizes the window, which means nothing
+        without a window manager (Xvfb has none): the window then takes the
+        size its panes ask for, tall and narrow, with the Variable
+        Explorer's Value column cut off. The Editor pane is closed as a user
+        who works in the console does (Window > Panes > Editor): its file
+        path label alone asks for half the window's width, and the Variable
+        Explorer would share the other half with the console; without it
+        they take the whole width.
+        """
+        self.main.showNormal()
+        self.main.setGeometry(0, 0, *WINDOW_SIZE)
+        self.main.get_plugin(Plugins.Editor).toggle_view(False)
+
+    def share_column(self) -> None:
+        """The Variable Explorer above, with ``VE_SHARE`` of the height (room
+        for every row of the scenario), the console below. Done once the
+        window and its docks have their new sizes: ``resizeDocks`` shares
+        out the height the laid out docks have, in proportion to the sizes
+        it is given."""
+        share = round(1000 * VE_SHARE)
+        self.main.resizeDocks(
+            [self.ve.dockwidget, self.ipy.dockwidget], [share, 1000 - share], Qt.Vertical
+        )
+
+    def value_fits(self, name: str) -> bool:
+        """Whether row ``name``'s Value cell shows its whole text: inside the
+        table's visible area and at least as wide as the text."""
+        editor = self.ve.current_widget().editor
+        model = editor.model()
+        headers = [
+            str(model.headerData(c, Qt.Horizontal, Qt.DisplayRole))
+            for c in range(model.columnCount())
+        ]
+        column = headers.index("Value")
+        for row in range(model.rowCount()):
+            if str(model.data(model.index(row, 0), Qt.DisplayRole)) == name:
+                index = model.index(row, column)
+                break
+        else:
+            return False
+        font = model.data(index, Qt.FontRole)
+        metrics = QFontMetrics(font) if isinstance(font, QFont) else editor.fontMetrics()
+        needed = metrics.horizontalAdvance(str(model.data(index, Qt.DisplayRole)))
+        cell = editor.visualRect(index)
+        visible = editor.viewport().rect()
+        return (
+            cell.width() >= needed
+            and visible.left() <= cell.left()
+            and cell.right() <= visible.right()
+        )
+
     def screenshot(self, name: str) -> None:
         self.main.grab().save(os.path.join(OUT, f"{name}.png"))
 
@@ -194,7 +261,13 @@ class Scenario:
             120,
             "console ready",
         )
+        self.landscape()
+        yield (lambda: False, 0.5, None)  # a pause: the new sizes reach the layout
+        self.share_column()
         self.ve.switch_to_plugin()  # the Variable Explorer visible, as users have it
+        yield (lambda: False, 0.5, None)
+        checks["window_size"] = [self.main.width(), self.main.height()]
+        checks["pane_heights"] = [self.ve.dockwidget.height(), self.ipy.dockwidget.height()]
         checks["kernel_pids_at_start"] = self.start_pids = self.kernel_pids()
         yield self.run_cell(EXTENSION_CHECK)
         checks["extension_loaded"] = "extension loaded: True" in self.console_text()
@@ -233,6 +306,7 @@ class Scenario:
             "the run handle's row while it runs",
         )
         checks["background_row"] = self.variable_rows()["bg"]
+        checks["background_value_fits"] = self.value_fits("bg")
         self.screenshot("background_run")
         yield self.run_cell("%shm_wait bg\n")
         yield self.run_cell(BACKGROUND_CHECK)  # bg is the results from this cell on

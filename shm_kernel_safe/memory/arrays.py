@@ -204,6 +204,13 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
     >>> sks.handle_of(y) is not None  # workers get it by name, with no copy
     True
     """
+    return _new_array(shape, dtype, order)
+
+
+def _new_array(
+    shape: int | Iterable[int], dtype: Any, order: str, data: memoryview | None = None
+) -> np.ndarray:
+    """An array over a new segment, holding ``data`` (its bytes in memory order) if given."""
     shape_t = _checks.shape("shape", shape)
     try:
         dtype = np.dtype(dtype)
@@ -215,7 +222,7 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
         )
     _checks.choice("order", order, ("C", "F"))
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dtype.itemsize
-    seg = Segment.create(nbytes, description=f"{shape_t} {dtype}")
+    seg = Segment.create(nbytes, description=f"{shape_t} {dtype}", data=data)
     arr = np.ndarray(shape_t, dtype, buffer=seg.root, order=order)
     seg.close()  # the array now holds the only reference to the mapping
     return arr
@@ -310,8 +317,13 @@ def share(a: Any) -> SharedArray:
             message=f"cannot share an array of dtype object (shape {arr.shape}): {private}",
         )
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    out = empty(arr.shape, arr.dtype, order=order)
-    np.copyto(out, arr, casting="no")
+    if arr.flags.c_contiguous or arr.flags.f_contiguous:
+        # Its bytes as they lie in memory go in as the segment is made.
+        raw = arr.T if order == "F" else arr
+        out = _new_array(arr.shape, arr.dtype, order, memoryview(raw.reshape(-1).view(np.uint8)))
+    else:
+        out = empty(arr.shape, arr.dtype, order=order)
+        np.copyto(out, arr, casting="no")
     handle = handle_of(out)
     assert handle is not None
     return handle

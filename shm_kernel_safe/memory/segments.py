@@ -86,7 +86,12 @@ class Segment:
 
     # -- construction -----------------------------------------------------
     @classmethod
-    def create(cls, nbytes: int, description: str = "") -> Segment:
+    def create(cls, nbytes: int, description: str = "", data: memoryview | None = None) -> Segment:
+        """A new segment of ``nbytes``, its pages reserved (or an error now).
+
+        ``data`` (``nbytes`` bytes) is its first content, written by the
+        kernel where it can (see ``capacity.write_all``).
+        """
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"segment size must be >= 0, got {nbytes}")
@@ -101,7 +106,7 @@ class Segment:
             for _ in range(16):
                 created = naming.new_name()
                 try:
-                    mapping = _create_mapping(created, nbytes)
+                    mapping = _create_mapping(created, nbytes, data)
                 except FileExistsError:
                     created = None  # someone else's name: never unlinked here
                     continue
@@ -146,14 +151,22 @@ class Segment:
 
 
 # -- OS-specific mapping ------------------------------------------------------
-def _create_mapping(name: str, nbytes: int) -> mmap.mmap:
+def _create_mapping(name: str, nbytes: int, data: memoryview | None = None) -> mmap.mmap:
     size = _platform.mapping_size(nbytes)
     if _posixshmem is None:
-        return _windows_create(name, size)
+        mapping = _windows_create(name, size)
+        if data is not None:
+            mapping[: len(data)] = data
+        return mapping
     fd = _posixshmem.shm_open("/" + name, _O_CREX, mode=0o600)
     try:
         os.ftruncate(fd, size)
-        capacity.reserve(fd, size)
+        if data is not None and len(data) == size:
+            capacity.write_all(fd, data)
+        else:
+            capacity.reserve(fd, size)
+            if data is not None:
+                os.pwrite(fd, data, 0)  # bytes (at most the page reserve rounds up to)
         return _advised(mmap.mmap(fd, size))
     except BaseException:
         with contextlib.suppress(OSError):

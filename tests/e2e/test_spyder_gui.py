@@ -3,8 +3,10 @@
 Spyder (from PyPI, PyQt5) runs in its own process (``tests/spyder_gui_driver.py``)
 under Xvfb when Debian's ``xvfb`` is installed, else on Qt's ``offscreen``
 platform. The extension is in its Startup > Run code > Lines preference,
-"Show arrays min/max" is on, the Variable Explorer is visible, and the cells
-are executed in its IPython console. Needs the ``gui-test`` extra; skipped
+"Show arrays min/max" is on, the Variable Explorer is visible above the
+console in a landscape window, wide enough for whole rows (its screenshot
+of a background run is docs/long_run_spyder.png), and the cells are
+executed in its IPython console. Needs the ``gui-test`` extra; skipped
 without it. Screenshots of each check are kept (the failure message says
 where; ``SKS_GUI_ARTIFACTS`` names a folder to copy them to).
 """
@@ -43,8 +45,9 @@ def display_env():
         yield env
         return
     read_fd, write_fd = os.pipe()
+    # Room for the driver's window (WINDOW_SIZE) drawn at twice the pixels.
     proc = subprocess.Popen(
-        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+        [xvfb, "-displayfd", str(write_fd), "-screen", "0", "2560x1800x24", "-nolisten", "tcp"],
         pass_fds=(write_fd,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -148,6 +151,10 @@ def test_real_spyder_with_extension(display_env, tmp_path):
     assert rows["y"]["Size"] == "[300]", why
     # --background: the handle's row while the run goes on, the results after.
     assert "items" in checks["background_row"]["Value"], why
+    # ... and the screenshot of it (docs/long_run_spyder.png) shows it whole.
+    width, height = checks["window_size"]
+    assert width > height, why
+    assert checks["background_value_fits"], why
     assert checks["background_agrees"], why
 
 

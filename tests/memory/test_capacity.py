@@ -48,3 +48,22 @@ def test_fallocate_reservation_turns_sigbus_into_error(small_shm):
         os.close(fd)
     with pytest.raises(sks.SharedMemoryCapacityError):
         capacity.check_capacity(16 << 20, directory=small_shm)
+
+
+def test_a_segment_filled_by_write_fails_as_clearly_when_full(small_shm):
+    """``sks.share`` writes an array's bytes straight into its new segment
+    (no reservation first): a full /dev/shm is the same clear error, and
+    what fits arrives whole."""
+    path = os.path.join(small_shm, "seg")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 32 << 20)
+        with pytest.raises(sks.SharedMemoryCapacityError) as info:
+            capacity.write_all(fd, memoryview(bytes(32 << 20)), directory=small_shm)
+        assert small_shm in str(info.value) and info.value.needed == 32 << 20
+        os.ftruncate(fd, 0)
+        data = os.urandom(3 << 20)
+        capacity.write_all(fd, memoryview(data), directory=small_shm)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)

@@ -5,10 +5,15 @@ was a dead worker on" cost no message at all:
 
 * slot ``CANCEL``: the parent sets it to ask running chunks to stop between
   items (on a task error, a timeout or an interrupt);
+* slot ``NEXT``: the first row no worker has claimed yet. The parent writes
+  a chunk's row (its number and item range) and a worker claims it by
+  moving ``NEXT`` on, under a lock its pool shares (``worker.run_rows``):
+  a worker runs chunk after chunk with no message in between;
 * one row per chunk: pid of the worker running it, items done, state,
   (when the run has an item timeout) when its current item started, in
   milliseconds of the system-wide monotonic clock, how many bytes of the
-  chunk's log are complete (``worker.Log``) and how many items it saved.
+  chunk's log are complete (``worker.Log``), how many items it saved, and
+  the chunk (number, first item, end) as the parent wrote it.
 
 ``DONE`` counts the items a chunk processed (progress; the item at
 ``start + DONE`` is the one its worker runs). It is also the ledger's
@@ -26,10 +31,10 @@ import numpy as np
 
 from ...memory.arrays import empty
 
-CANCEL = 0
+CANCEL, NEXT = 0, 1
 HEADER = 8
-ROW = 6
-PID, DONE, STATE, ITEM_STARTED, LOG_END, SAVED = 0, 1, 2, 3, 4, 5
+ROW = 9
+PID, DONE, STATE, ITEM_STARTED, LOG_END, SAVED, CHUNK, START, STOP = range(ROW)
 # LOADING: a worker took the chunk and loads the call's payload; RUNNING: it
 # runs items. Only RUNNING counts as progress for the stall check.
 PENDING, RUNNING, FINISHED, LOADING = 0, 1, 2, 3
@@ -46,6 +51,14 @@ class ControlBlock:
 
     def cancel(self) -> None:
         self.array[CANCEL] = 1
+
+    def publish(self, row: int, chunk: int, start: int, stop: int) -> None:
+        """Write a chunk into ``row``, for a worker to claim (see ``NEXT``)."""
+        self.table[row, [CHUNK, START, STOP]] = (chunk, start, stop)
+
+    def claimed(self) -> int:
+        """Rows claimed by workers so far: rows ``NEXT`` and up wait for one."""
+        return int(self.array[NEXT])
 
     @property
     def capacity(self) -> int:

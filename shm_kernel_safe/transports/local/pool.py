@@ -54,12 +54,13 @@ _leased = False
 _private: set[_Executor] = set()
 
 
-def _init_worker(threads: int, owner_pid: int | None = None) -> None:
+def _init_worker(threads: int, owner_pid: int | None = None, claim_lock: Any = None) -> None:
     """Runs once in each worker.
 
     Bounds BLAS/OpenMP threads to ``threads`` (``engine.threads``), ignores
     SIGINT (see below), ends the worker when ``owner_pid`` (the process that
-    made the pool) is gone (``parent_watch``), and:
+    made the pool) is gone (``parent_watch``), keeps the pool's
+    ``claim_lock`` (workers claim chunks under it, ``worker.run_rows``), and:
 
     loky restarts a worker whose RSS grew by 300 MB, taking it for a leak.
     Pages of shared segments count in RSS, so a worker that maps a 1.28 GB
@@ -71,7 +72,9 @@ def _init_worker(threads: int, owner_pid: int | None = None) -> None:
     from loky import process_executor
 
     from ..._malloc import tune_malloc
+    from .worker import set_claim_lock
 
+    set_claim_lock(claim_lock)
     limit_threads(threads)  # before any item: workers x threads <= CPUs
     tune_malloc()  # see _malloc: up to 5x on tasks with MB-sized temporaries
     process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
@@ -163,14 +166,19 @@ def _new_executor(processes: int, start_method: str, threads: int) -> _Executor:
         # Made whole or not at all, and the resource tracker loky starts
         # here is a plain, interrupt-proof process (see main_free).
         with interrupt_deferred(), plain_start():
+            context = make_context(start_method, preload=FORKSERVER_PRELOAD)
+            # One per pool: a pool that broke (a worker died, maybe holding
+            # it) is replaced with its lock.
+            claim_lock = context.Lock()
             pool = _Executor(
                 max_workers=processes,
-                context=make_context(start_method, preload=FORKSERVER_PRELOAD),
+                context=context,
                 timeout=IDLE_TIMEOUT,
                 initializer=_init_worker,
-                initargs=(threads, os.getpid()),
+                initargs=(threads, os.getpid(), claim_lock),
             )
     pool.dead = {}
+    pool.__dict__["_sks_claim_lock"] = claim_lock
     pool.__dict__["_sks_kind"] = (start_method, threads)
     lifecycle.hook_kernel_shutdown()
     return pool
@@ -371,6 +379,10 @@ def _kill(pool: ProcessPoolExecutor, join_timeout: float = 5.0) -> None:
     call_queue = getattr(pool, "_call_queue", None)
     with contextlib.suppress(Exception):
         pool.shutdown(wait=False, kill_workers=True)
+    # The claim lock is a named semaphore until it is collected: a pool kept
+    # referenced (by a traceback, say) must not keep it.
+    pool.__dict__.pop("_sks_claim_lock", None)
+    pool._initargs = ()
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.kill()

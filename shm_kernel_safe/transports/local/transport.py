@@ -3,9 +3,12 @@
 The payload is pickled once (big arrays moved to shared memory on the way,
 see :mod:`~shm_kernel_safe.transports.local.sharing`) into a segment every worker
 unpickles once per call; a chunk's message is a few handles and an index
-range. Workers report progress and the chunk they run in a control block
-in shared memory, never by message, so a dead worker's item is known
-exactly. Results that stack are stored by workers into one shared array.
+range. Chunks are written into a control block in shared memory and each
+worker claims them one after another in one task (``worker.run_rows``):
+one message per worker, not per chunk. Workers report progress and the
+chunk they run there too, never by message, so a dead worker's item is
+known exactly. Results that stack are stored by workers into one shared
+array.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .control import (
     STATE,
     ControlBlock,
 )
-from .worker import FAILED, MISFIT, VALUES, ChunkTask, read_log, run_chunk
+from .worker import FAILED, MISFIT, VALUES, RowsTask, read_log, run_rows
 
 #: Seconds chunks may wait with no worker running any of them before the
 #: run ends as stalled: far above a cold start under load (a few seconds).
@@ -76,7 +79,7 @@ class LocalTransport(Transport):
     threads (default: the CPUs shared out, see ``engine.threads``)."""
 
     name = "local"
-    min_chunk_seconds = 0.004  # a loky message costs ~0.1-0.3 ms
+    min_chunk_seconds = 0.004  # a claim and a chunk's set-up cost ~0.1 ms
     stops_single_items = True  # one worker per item in flight: killing it stops the item
     writes_shared_in_place = True
 
@@ -112,7 +115,12 @@ class LocalTransport(Transport):
         # Output arrays outside shared memory: workers write a shared copy,
         # copied back into the caller's array when the run ends.
         self.copy_back: list[tuple[np.ndarray, np.ndarray]] = []
-        self.futures: dict[cf.Future, Chunk] = {}
+        # Workers' tasks (worker.run_rows), each with the control block whose
+        # rows it claims; and the chunks submitted whose result has not come.
+        self.futures: dict[cf.Future, int] = {}
+        self.outstanding: dict[int, Chunk] = {}
+        self.filled: dict[int, int] = {}  # block -> rows written
+        self.launched: dict[int, int] = {}  # block -> rows workers were sent for
         self.chunks: dict[int, Chunk] = {}  # every chunk submitted, by number
         self.unstacked: set[int] = set()  # chunks whose results travel in their log
         self.results_handle: SharedArray | None = None
@@ -181,6 +189,9 @@ class LocalTransport(Transport):
         self.executor = self.lease.executor
 
     def stack_results(self, first: Any, n_items: int) -> np.ndarray | None:
+        # Workers' tasks carry the stacked array: none may be out with rows
+        # of chunks submitted before it existed.
+        assert not self.outstanding
         layout = stack_layout(first)
         if layout is None:
             return None
@@ -193,34 +204,65 @@ class LocalTransport(Transport):
     def submit(self, chunk: Chunk) -> None:
         assert self.payload is not None
         block, row = self._row_for(chunk.number)
-        task = ChunkTask(
+        self.blocks[block][0].publish(row, chunk.number, chunk.start, chunk.stop)
+        self.filled[block] = row + 1
+        self.chunks[chunk.number] = chunk
+        if not self.outstanding:  # the stall clock starts with the first chunk queued
+            self.quiet_since = time.monotonic()
+        self.outstanding[chunk.number] = chunk
+        if self.results_handle is None:
+            self.unstacked.add(chunk.number)
+
+    def _launch(self) -> None:
+        """Send workers tasks for the rows no worker has claimed yet.
+
+        Called when the engine waits, so a batch of chunks goes out as one
+        task per worker. A task claims rows of one block written before it
+        was sent; at most one task per worker is out, for the first blocks
+        with rows waiting, so chunks run in about the order they were cut
+        (a block's rows before the next block's). Rows left by tasks that
+        returned (see ``worker.RETURN_SECONDS``) get new ones.
+        """
+        free = self.workers - len(self.futures)
+        for block in range(self.live_from, len(self.blocks)):
+            if free <= 0:
+                return
+            filled = self.filled.get(block, 0)
+            waiting = filled - self.blocks[block][0].claimed()
+            if waiting <= 0:
+                continue
+            wanted = min(self.workers, waiting)
+            if filled == self.launched.get(block, 0):
+                # tasks out on this block can still claim its waiting rows
+                wanted -= sum(1 for b in self.futures.values() if b == block)
+            wanted = min(wanted, free)
+            if wanted > 0:
+                self.launched[block] = filled
+                for _ in range(wanted):
+                    self._send_rows(block, filled)
+                free -= wanted
+
+    def _send_rows(self, block: int, stop: int) -> None:
+        task = RowsTask(
             self.call_id,
-            self.payload,
+            self.payload,  # type: ignore[arg-type]
             self.blocks[block][1],
-            row,
-            chunk.number,
-            chunk.start,
-            chunk.stop,
+            stop,
             self.results_handle,
             self.scalar_type,
             self.keep_going,
             self.track_time,
             self.ledger,
         )
-        self.chunks[chunk.number] = chunk
-        if not self.futures:  # the stall clock starts with the first chunk queued
-            self.quiet_since = time.monotonic()
-        if self.results_handle is None:
-            self.unstacked.add(chunk.number)
         try:
-            future = self.executor.submit(run_chunk, task)
+            future = self.executor.submit(run_rows, task)
         except cf.process.BrokenProcessPool as exc:
-            # A worker died while none of our chunks was queued (idle, or
-            # between the probe and the rest): the chunk is lost like the
+            # A worker died while none of our tasks was queued (idle, or
+            # between the probe and the rest): the chunks are lost like the
             # others, and :meth:`wait` reports it the one way.
             future = cf.Future()
             future.set_exception(exc)
-        self.futures[future] = chunk
+        self.futures[future] = block
 
     def _row_for(self, chunk: int) -> tuple[int, int]:
         if not self.blocks or self.next_row >= self.blocks[-1][0].capacity:
@@ -234,6 +276,7 @@ class LocalTransport(Transport):
         return place
 
     def wait(self, timeout: float) -> list[ChunkResult]:
+        self._launch()
         if not self.futures:  # nothing of ours is out: a lost chunk, see below
             time.sleep(timeout)
         done, _ = cf.wait(list(self.futures), timeout=timeout, return_when=cf.FIRST_COMPLETED)
@@ -246,15 +289,18 @@ class LocalTransport(Transport):
                 raise self._lost(exc) from None
         results = []
         for fut in done:
-            res = self._result_of(fut)
+            results.extend(self._results_of(fut))
             del self.futures[fut]
-            results.append(res)
+        for res in results:
+            self.outstanding.pop(res.chunk, None)
+        if not any(res.error is not None for res in results):
+            self._launch()  # rows a task left when it returned early
         now = time.monotonic()
         if results or self._any_running():
             self.quiet_since = now
         elif now - self.quiet_since > STALL_SECONDS:  # results are never dropped here
             raise self._stalled()
-        if not results and self.futures and now >= self.next_death_check:
+        if not results and self.outstanding and now >= self.next_death_check:
             self.next_death_check = now + 1.0
             unreported = self._dead_unreported(now)
             if unreported:
@@ -266,7 +312,7 @@ class LocalTransport(Transport):
         loky has not reported (it notices a death within milliseconds; this
         bounds the wait if it ever does not)."""
         dead = {}
-        for chunk in self.futures.values():
+        for chunk in self.outstanding.values():
             block, row = self.rows[chunk.number]
             table = self.blocks[block][0].table
             pid = int(table[row, PID])
@@ -280,7 +326,7 @@ class LocalTransport(Transport):
     def _any_running(self) -> bool:
         return any(
             (self.blocks[b][0].table[r, STATE] == RUNNING)
-            for b, r in (self.rows[c.number] for c in self.futures.values())
+            for b, r in (self.rows[c.number] for c in self.outstanding.values())
         )
 
     def _stalled(self) -> WorkerLost:
@@ -290,7 +336,7 @@ class LocalTransport(Transport):
         ever. An item that runs long is not a stall: its row is RUNNING."""
         assert self.lease is not None
         self.lease.stop_workers()
-        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        lost = sorted(self.outstanding.values(), key=lambda c: c.number)
         return WorkerLost(
             chunks=[c.number for c in lost],
             salvage=[
@@ -330,13 +376,14 @@ class LocalTransport(Transport):
                 res.failed[index] = obj
         return res
 
-    def _result_of(self, future: cf.Future) -> ChunkResult:
-        """A finished chunk's result, whole: every path that takes one
-        (results, a cancel, a broken pool's salvage) goes through here."""
-        res = future.result()
-        if res.logged:
-            self._values_from_log(res)
-        return res
+    def _results_of(self, future: cf.Future) -> list[ChunkResult]:
+        """A worker's task's chunk results, whole: every path that takes
+        them (results, a cancel, a broken pool's salvage) goes through here."""
+        results = future.result()
+        for res in results:
+            if res.logged:
+                self._values_from_log(res)
+        return results
 
     def _values_from_log(self, res: ChunkResult) -> None:
         """Put back the values a chunk's message left in its log."""
@@ -366,9 +413,10 @@ class LocalTransport(Transport):
             done, pending = cf.wait(list(self.futures), timeout=grace)
             for fut in done:
                 with contextlib.suppress(Exception):
-                    results.append(self._result_of(fut))
+                    results.extend(self._results_of(fut))
             kill = bool(pending)
         self.futures.clear()
+        self.outstanding.clear()
         if kill and self.lease is not None:
             self.lease.kill()
         return results
@@ -376,6 +424,7 @@ class LocalTransport(Transport):
     def recover(self) -> None:
         """Go on with fresh workers; rows of the old ones stop counting as running."""
         self.futures.clear()
+        self.outstanding.clear()
         assert self.lease is not None
         self.executor = self.lease.replace()
         self.live_from = len(self.blocks)
@@ -451,11 +500,12 @@ class LocalTransport(Transport):
             dead = dict(getattr(self.executor, "dead", {}) or {})
         assert self.lease is not None
         self.lease.stop_workers()
-        lost = sorted(self.futures.values(), key=lambda c: c.number)
+        lost = sorted(self.outstanding.values(), key=lambda c: c.number)
         came_back = {
-            self.futures[f].number: self._result_of(f)
+            res.chunk: res
             for f in list(self.futures)
             if f.done() and not f.cancelled() and f.exception() is None
+            for res in self._results_of(f)
         }
         salvage = [
             came_back.get(c.number)
