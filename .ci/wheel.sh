@@ -54,6 +54,7 @@ markers =
     slow: long-running end-to-end tests
     browser: drives JupyterLab in a real Chromium
     gui: drives the real Spyder application headless
+    sigint: can notice how the runner was started with respect to SIGINT
 INI
 cd "$WORK/run"
 LOCATION="$("$PY" -c "import shm_kernel_safe; print(shm_kernel_safe.__file__)")"
@@ -81,7 +82,7 @@ echo "--- the sdist alone: unpack it, install it, run its own tests from it"
 SDIST="$(ls "$WORK"/dist/*.tar.gz)"
 mkdir -p "$WORK/sdist" && tar xzf "$SDIST" -C "$WORK/sdist"
 SRC="$(ls -d "$WORK"/sdist/shm_kernel_safe-*)"
-for needed in tests/__init__.py tests/conftest.py tests/helpers.py tests/backends.py tests/engine/__init__.py \
+for needed in tests/__init__.py tests/conftest.py tests/sigint_scope.py tests/helpers.py tests/backends.py tests/engine/__init__.py \
     tests/kernels.py CHANGELOG.md docs/index.md notebooks/weather_hours.ipynb; do
     [ -e "$SRC/$needed" ] || { echo "the sdist lacks $needed"; exit 1; }
 done

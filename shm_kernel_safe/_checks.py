@@ -11,7 +11,9 @@ transport's options and the share cache's cap all use the same words.
 from __future__ import annotations
 
 import difflib
+import inspect
 import numbers
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,6 +52,70 @@ def seconds(name: str, value: Any, *, optional: bool = True) -> float | None:
     if not value > 0:  # also refuses NaN
         raise InvalidArgumentError(name, f"must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """True or False (a numpy bool too); not any truthy value: ``wait="no"``
+    would otherwise mean wait."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentTypeError(
+            name, f"must be True or False, got {type(value).__name__} {value!r}"
+        )
+    return bool(value)
+
+
+def path(name: str, value: Any, *, optional: bool = True) -> str | os.PathLike | None:
+    """A file or folder path (None passes when ``optional``)."""
+    if (value is None and optional) or isinstance(value, (str, os.PathLike)):
+        return value
+    raise InvalidArgumentTypeError(name, f"must be a path, got {type(value).__name__} {value!r}")
+
+
+def path_or_flag(name: str, value: Any) -> str | os.PathLike | bool | None:
+    """A file path, True/False, or None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return value
+    raise InvalidArgumentTypeError(
+        name, f"must be a file path, True, False or None, got {type(value).__name__} {value!r}"
+    )
+
+
+def shape(name: str, value: Any) -> tuple[int, ...]:
+    """An array shape: an integer >= 0 or an iterable of them."""
+    if _is_int(value):
+        value = (value,)
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidArgumentTypeError(
+            name, f"must be an integer or a tuple of integers, got {type(value).__name__} {value!r}"
+        )
+    dims = tuple(value)
+    for i, dim in enumerate(dims):
+        if not _is_int(dim):
+            raise InvalidArgumentTypeError(
+                name, f"must hold integers >= 0, got {type(dim).__name__} {dim!r} at position {i}"
+            )
+        if dim < 0:
+            raise InvalidArgumentError(name, f"must hold integers >= 0, got {dim} at position {i}")
+    return tuple(int(d) for d in dims)
+
+
+def callable_with(name: str, value: Any, signature: str, *args: Any) -> Any:
+    """Something that can be called as ``value(*args)`` (``signature`` says
+    how, in the message): a wrong one would fail only once workers run. A
+    callable whose parameters Python cannot read (some builtins) is taken
+    on trust."""
+    callable_(name, value)
+    try:
+        parameters = inspect.signature(value)
+    except (ValueError, TypeError):
+        return value
+    try:
+        parameters.bind(*args)
+    except TypeError as exc:
+        raise InvalidArgumentTypeError(name, f"must be callable as {signature}: {exc}") from None
+    return value
 
 
 def choice(name: str, value: Any, choices: Iterable[str]) -> str:

@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks
 from .displays import TextProgress, make_progress
 from .engine import background
 from .engine.background import RunHandle
 from .engine.callsite import warn_at_caller
 from .engine.journal import Journal
-from .engine.options import check_run
+from .engine.options import PEER_KEYWORDS, check_run
 from .engine.pickling import DEFAULT_THRESHOLD
 from .engine.run import ProgressCallback, Run
 from .engine.transport import TransportOptions
@@ -287,6 +288,9 @@ def parallel_map(
         errors=errors,
         retries=retries,
         item_timeout=item_timeout,
+        journal=journal,
+        keep_journal=keep_journal,
+        wait=wait,
         unknown=unknown,
         known=_PARAMETERS,
         transport=transport_type,
@@ -436,6 +440,7 @@ def imap(
     for name in ("wait", "resume", "journal"):
         if name in options:
             raise InvalidArgumentError(name, "is not an argument of imap")
+    _checks.flag("ordered", ordered)
     handle = parallel_map(fn, items, wait=False, **options)
     return _stream(handle, ordered)
 
@@ -475,6 +480,7 @@ def prestart(
     processes: int | None = None,
     start_method: str | None = None,
     threads_per_worker: int | None = None,
+    **unknown: Any,
 ) -> list[int]:
     """Start the local pool's workers now, so that the first call is warm.
 
@@ -483,6 +489,9 @@ def prestart(
     processes, start_method, threads_per_worker
         As for :func:`parallel_map`; the pool started is the one a call
         with the same arguments uses.
+    **unknown
+        Refused, with the name to use for a peer's (``n_jobs`` means
+        ``processes``).
 
     Returns
     -------
@@ -492,7 +501,8 @@ def prestart(
     Raises
     ------
     InvalidArgumentError
-        ``processes`` below 1 or an unknown ``start_method``.
+        ``processes`` below 1, an unknown ``start_method`` or an unknown
+        keyword argument, named.
 
     See Also
     --------
@@ -505,4 +515,7 @@ def prestart(
     >>> len(pids)  # doctest: +SKIP
     2
     """
+    known = ("processes", "start_method", "threads_per_worker")
+    peers = {k: v for k, v in PEER_KEYWORDS.items() if v.rstrip("=") in known}
+    _checks.unknown_keywords("prestart", unknown, peers, known)
     return _prestart_local(processes, start_method, threads_per_worker)

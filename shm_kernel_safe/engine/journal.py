@@ -81,6 +81,7 @@ import cloudpickle
 import numpy as np
 import xxhash
 
+from .. import _checks
 from .._platform import journal_directory
 from .._text import human_bytes
 from ..errors import InvalidArgumentError, JournalError, JournalWarning
@@ -878,6 +879,7 @@ def journals(directory: str | None = None) -> list[JournalInfo]:
     >>> sks.journals(tempfile.mkdtemp())
     []
     """
+    _checks.path("directory", directory)
     directory = journal_directory() if directory is None else directory
     if not os.path.isdir(directory):
         return []
@@ -923,7 +925,9 @@ def discard_journal(journal: str | os.PathLike | JournalInfo) -> None:
     FileNotFoundError
         No such journal.
     """
-    path = journal.path if isinstance(journal, JournalInfo) else os.fspath(journal)
+    if isinstance(journal, JournalInfo):
+        journal = journal.path
+    path = os.fspath(_checks.path("journal", journal, optional=False))
     if in_use(path):
         raise JournalError(path, "is in use", message=f"journal {path} is in use by a running call")
     os.unlink(path)

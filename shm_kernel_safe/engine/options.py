@@ -69,6 +69,9 @@ def check_run(
     errors: Any = "raise",
     retries: Any = 0,
     item_timeout: Any = None,
+    journal: Any = None,
+    keep_journal: Any = False,
+    wait: Any = True,
     unknown: dict[str, Any] | None = None,
     known: Iterable[str] = (),
     transport: type[Transport],
@@ -91,6 +94,9 @@ def check_run(
         outputs,
     )
     check_progress(progress)
+    _checks.path_or_flag("journal", journal)
+    _checks.flag("keep_journal", keep_journal)
+    _checks.flag("wait", wait)
     check_captured_writes(fn, outputs, transport.writes_shared_in_place)
     item_timeout = _checks.seconds("item_timeout", item_timeout)
     options = transport_options or TransportOptions()
@@ -122,6 +128,8 @@ def check_progress(progress: Any) -> None:
     ):
         if isinstance(progress, str):
             _checks.choice("progress", progress, PROGRESS_MODES)
+        elif progress is not None:
+            _checks.callable_with("progress", progress, "progress(done, total)", 0, 0)
         return
     raise InvalidArgumentTypeError(
         "progress",

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks
+from ..errors import InvalidArgumentTypeError
 from .segments import Segment, describe, segment_name_of_mapping
 
 _CHAIN_LIMIT = 10_000
@@ -179,8 +181,13 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
 
     Raises
     ------
-    TypeError
-        For an object dtype (its elements are pointers into this process).
+    InvalidArgumentTypeError
+        For an object dtype (its elements are pointers into this process),
+        or a ``shape``, ``dtype`` or ``order`` of the wrong kind (also a
+        ``TypeError``).
+    InvalidArgumentError
+        For a negative dimension or an ``order`` other than "C" and "F"
+        (also a ``ValueError``).
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it (checked before any byte is written).
 
@@ -204,10 +211,16 @@ def _new_array(
     shape: int | Iterable[int], dtype: Any, order: str, data: memoryview | None = None
 ) -> np.ndarray:
     """An array over a new segment, holding ``data`` (its bytes in memory order) if given."""
-    shape_t = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)  # type: ignore[arg-type]
-    dtype = np.dtype(dtype)
+    shape_t = _checks.shape("shape", shape)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise InvalidArgumentTypeError("dtype", f"is not a numpy dtype: {exc}") from None
     if dtype.hasobject:
-        raise TypeError("object arrays hold pointers into one process and cannot be shared")
+        raise InvalidArgumentTypeError(
+            "dtype", "holds Python objects: pointers into one process, which cannot be shared"
+        )
+    _checks.choice("order", order, ("C", "F"))
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dtype.itemsize
     seg = Segment.create(nbytes, description=f"{shape_t} {dtype}", data=data)
     arr = np.ndarray(shape_t, dtype, buffer=seg.root, order=order)
@@ -235,8 +248,8 @@ def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> n
 
     Raises
     ------
-    TypeError
-        For an object dtype.
+    InvalidArgumentError
+        As :func:`empty`.
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it.
 
@@ -277,9 +290,9 @@ def share(a: Any) -> SharedArray:
 
     Raises
     ------
-    TypeError
+    InvalidArgumentTypeError
         For an object dtype (its elements are Python objects private to
-        this process).
+        this process); also a ``TypeError``.
     SharedMemoryCapacityError
         ``/dev/shm`` has no room for it.
 
@@ -297,9 +310,11 @@ def share(a: Any) -> SharedArray:
         return a
     arr = np.asarray(a)
     if arr.dtype.hasobject:
-        raise TypeError(
-            f"cannot share an array of dtype object (shape {arr.shape}): its elements are "
-            "Python objects private to this process"
+        private = "its elements are Python objects private to this process"
+        raise InvalidArgumentTypeError(
+            "a",
+            f"is an object array: {private}",
+            message=f"cannot share an array of dtype object (shape {arr.shape}): {private}",
         )
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     if arr.flags.c_contiguous or arr.flags.f_contiguous:

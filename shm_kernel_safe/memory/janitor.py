@@ -28,6 +28,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from .. import _checks
 from .._platform import current_user_tag, journal_directory, pid_alive, shm_directory
 from . import naming
 
@@ -94,6 +95,7 @@ def find_stale(directory: str | None = None) -> list[StaleSegment]:
     >>> sks.find_stale(tempfile.mkdtemp())  # an empty directory
     []
     """
+    _checks.path("directory", directory)
     directory = shm_directory() if directory is None else directory
     if directory is None or not os.path.isdir(directory):
         return []

@@ -52,3 +52,17 @@ def test_status_reports_on_stale_segments():
     res = cli("status")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()
+
+
+def test_the_demo_explains_a_loss_instead_of_a_bare_ratio(monkeypatch):
+    """A demo run slower than the loop says why: load first (it spoils
+    every other number), then the run's own PerformanceHint, else the
+    items' size."""
+    from shm_kernel_safe import _platform, demo
+
+    monkeypatch.setattr(_platform, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert "busy (load average 3.0 on 2 CPUs)" in demo.why_slower(1.0, "the hint")
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert demo.why_slower(1.0, "the hint").endswith("copying x: the hint")
+    assert "try more --rows" in demo.why_slower(1.0, None)

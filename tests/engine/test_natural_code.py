@@ -143,6 +143,25 @@ def test_the_magic_treats_a_written_array_as_out(ip, kw, capsys, size):
     assert printed.count("treated as --out y") == 1, printed
 
 
+# -- runaway processes ---------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:processes=1000 is more than:UserWarning")
+def test_a_thousand_processes_for_five_items_start_five_at_most(kw):
+    """Never more workers than items, on every transport (the warning of
+    processes above the CPU count: test_edges)."""
+    got = sks.parallel_map(abs, range(5), **{**kw, "processes": 1000})
+    assert got.tolist() == list(range(5))
+    if kw["backend"] == "local":
+        from shm_kernel_safe.transports.local import pool
+
+        (info,) = pool.pool_info()
+        assert len(info["pids"]) <= 5
+    elif kw["backend"] == "dask":
+        from shm_kernel_safe.transports.dask import cluster
+
+        assert len(cluster.get_client(None).nthreads()) <= 5
+        sks.parallel_map(abs, range(2), **{**kw, "processes": 2})  # the module's size again
+
+
 # -- arguments ----------------------------------------------------------------------
 WRONG = {
     "items": [5, np.array(5), "abc"],
@@ -153,13 +172,16 @@ WRONG = {
     "share_threshold": ["big", -1, 1.5],
     "share": [5, [1, 2], [[1, 2]], "x"],
     "out": [[[1, 2]], 5, [np.array(["a"], dtype=object)]],
-    "progress": [True, "bar", 5],
+    "progress": [True, "bar", 5, lambda: None, lambda done: None],
     "backend": ["loky", "ray", 3],
     "client": ["tcp://127.0.0.1:1"],
     "errors": ["ignore", 1],
     "retries": [-1, 1.5, "2"],
     "item_timeout": [0, "1"],
     "threads_per_worker": [0, 1.5],
+    "journal": [5, [1]],
+    "keep_journal": ["yes", 2],
+    "wait": ["no", 0],
     "n_jobs": [2],
     "verbose": [10],
 }
@@ -223,7 +245,31 @@ def test_other_public_functions_refuse_wrong_arguments_by_name():
     for value in (-1, 1.5, "1"):
         with pytest.raises(sks.InvalidArgumentError, match="max_bytes"):
             sks.share_cache_limit(value)
+    for name, call in [
+        ("n_jobs", lambda: sks.prestart(n_jobs=2)),
+        ("ordered", lambda: sks.imap(abs, range(3), ordered="yes")),
+        ("shape", lambda: sks.zeros(-1)),
+        ("shape", lambda: sks.empty(2.5)),
+        ("shape", lambda: sks.zeros("a")),
+        ("shape", lambda: sks.empty((2, None))),
+        ("dtype", lambda: sks.zeros(3, dtype="bogus")),
+        ("dtype", lambda: sks.empty(3, dtype=object)),
+        ("order", lambda: sks.zeros(3, order="X")),
+        ("a", lambda: sks.share(np.array([None, 1]))),
+        ("directory", lambda: sks.find_stale(5)),
+        ("directory", lambda: sks.cleanup_stale(5)),
+        ("directory", lambda: sks.journals(5)),
+        ("journal", lambda: sks.discard_journal(5)),
+    ]:
+        with pytest.raises(sks.InvalidArgumentError) as e:
+            call()
+        assert e.value.argument == name and name in str(e.value), (name, e.value)
     assert _children() <= before
+
+
+def test_prestart_says_which_name_a_peers_keyword_is():
+    with pytest.raises(TypeError, match=r"no n_jobs= argument; did you mean processes="):
+        sks.prestart(n_jobs=2)
 
 
 def test_the_magics_options_are_refused_before_any_process_starts(ip, capsys):
@@ -267,6 +313,19 @@ def test_tiny_items_on_a_cold_pool_get_one_hint():
     assert hints[0].filename == __file__  # points at the user's call
 
 
+def test_tiny_items_after_a_first_copy_get_one_hint_on_every_transport(kw):
+    # A fresh 128 MB input (no copy of it kept from an earlier call): its
+    # first trip to the workers costs tens of milliseconds at least, 200
+    # items of microseconds a few. In-process (serial) there is no such
+    # cost, and nothing to say.
+    fresh = np.ones((2_000_000, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sks.parallel_map(lambda i: fresh.shape[0] + i, range(200), **kw)
+    hints = [str(w.message) for w in caught if issubclass(w.category, sks.PerformanceHint)]
+    assert len(hints) == (kw["backend"] != "serial"), hints
+
+
 def test_items_that_outweigh_the_fixed_costs_say_nothing(kw):
     sks.parallel_map(abs, range(2), **kw)  # the pool or cluster warm and idle
     with warnings.catch_warnings(record=True) as caught:
@@ -289,6 +348,25 @@ def test_the_hint_compares_the_run_with_its_fixed_costs():
         with pytest.raises(sks.PerformanceHint):
             warnings.warn("x", sks.PerformanceHint, stacklevel=1)
     assert issubclass(sks.PerformanceHint, UserWarning)
+
+
+def test_troubleshooting_starts_with_the_hint_as_users_see_it():
+    """The docs' first section is "parallel is not faster", quotes the
+    message the library prints for the README's first call (8760 items of
+    ~8 us, 1.4 s of fixed costs), and gives the causes in order."""
+    import pathlib
+    import re
+
+    from shm_kernel_safe.engine.hints import hint_text
+
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "troubleshooting.md").read_text()
+    sections = re.findall(r"^## (.+)$", page, re.M)
+    assert sections[0] == "Parallel is not faster", sections
+    quoted = re.search(r"```text\nPerformanceHint: (.*?)```", page, re.S)
+    assert quoted is not None
+    assert " ".join(quoted.group(1).split()) == hint_text(8760, 8e-6, 1.4)
+    causes = re.findall(r"^\d\. \*\*(.+?)\*\*", page, re.M)[:3]
+    assert causes == ["Tiny items.", "The first call.", "Load."], causes
 
 
 @pytest.mark.usefixtures("no_orphans")

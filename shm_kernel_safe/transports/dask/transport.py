@@ -181,6 +181,11 @@ class DaskTransport(Transport):
     ) -> None:
         self.keep_going = keep_going
         self.items = payload.items
+        if self.processes is not None:
+            # Never more workers than items: each of our cluster's workers is
+            # a process of this machine (processes=1000 for 5 items once
+            # started 1000 and ran out of memory).
+            self.processes = max(1, min(self.processes, len(payload.items)))
         buf = io.BytesIO()
         pickler = _ScatterPickler(
             buf,
