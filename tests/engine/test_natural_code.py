@@ -260,6 +260,8 @@ def test_other_public_functions_refuse_wrong_arguments_by_name():
         ("directory", lambda: sks.cleanup_stale(5)),
         ("directory", lambda: sks.journals(5)),
         ("journal", lambda: sks.discard_journal(5)),
+        ("join_timeout", lambda: sks.shutdown_pools(join_timeout=-1)),
+        ("join_timeout", lambda: sks.shutdown_pools("x")),
     ]:
         with pytest.raises(sks.InvalidArgumentError) as e:
             call()

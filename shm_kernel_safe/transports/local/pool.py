@@ -29,7 +29,7 @@ from typing import Any
 
 from loky import ProcessPoolExecutor
 
-from ... import lifecycle
+from ... import _checks, lifecycle
 from ..._platform import interrupt_deferred
 from ...engine.threads import limit_threads
 from ..main_free import make_context, plain_start
@@ -419,6 +419,7 @@ def shutdown_all(join_timeout: float = 5.0) -> None:
     >>> sks.shutdown_pools()
     """
     global _warm, _leased
+    join_timeout = _checks.seconds("join_timeout", join_timeout, optional=False)  # type: ignore[assignment]
     with _lock:
         pools = [p for p in (_warm, *_private) if p is not None]
         _warm, _leased = None, False
