@@ -183,8 +183,8 @@ class DaskTransport(Transport):
         self.items = payload.items
         if self.processes is not None:
             # Never more workers than items: each of our cluster's workers is
-            # a process of this machine (processes=1000 for 5 items once
-            # started 1000 and ran out of memory).
+            # a process of this machine, and a thousand of them exhaust its
+            # memory before the first item runs.
             self.processes = max(1, min(self.processes, len(payload.items)))
         buf = io.BytesIO()
         pickler = _ScatterPickler(
