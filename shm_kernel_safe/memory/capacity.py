@@ -9,8 +9,10 @@ free space first for a clear message, then reserve the pages with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 
 from .._platform import shm_directory
 from ..errors import SharedMemoryCapacityError
@@ -46,19 +48,12 @@ def write_all(fd: int, data: memoryview, directory: str | None = None) -> None:
     reservation too.
     """
     done = 0
-    try:
+    with _full_is_capacity_error(len(data), directory):
         while done < len(data):
             wrote = os.pwrite(fd, data[done : done + WRITE_STEP], done)
             if wrote == 0:
                 raise OSError(errno.ENOSPC, "no space left for the segment")
             done += wrote
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            directory = shm_directory() if directory is None else directory
-            raise SharedMemoryCapacityError(
-                len(data), free_bytes(directory) or 0, directory or "shared memory"
-            ) from exc
-        raise
 
 
 def reserve(fd: int, nbytes: int, directory: str | None = None) -> None:
@@ -66,13 +61,23 @@ def reserve(fd: int, nbytes: int, directory: str | None = None) -> None:
     if not hasattr(os, "posix_fallocate") or nbytes <= 0:
         return
     try:
-        os.posix_fallocate(fd, 0, nbytes)
+        with _full_is_capacity_error(nbytes, directory):
+            os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return  # filesystem cannot reserve; the statvfs check stands alone
+        raise
+
+
+@contextlib.contextmanager
+def _full_is_capacity_error(nbytes: int, directory: str | None) -> Iterator[None]:
+    """A full (or too small) shared-memory filesystem, as the error that says so."""
+    try:
+        yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             directory = shm_directory() if directory is None else directory
             raise SharedMemoryCapacityError(
                 nbytes, free_bytes(directory) or 0, directory or "shared memory"
             ) from exc
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            return  # filesystem cannot reserve; the statvfs check stands alone
         raise

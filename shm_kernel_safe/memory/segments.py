@@ -163,10 +163,8 @@ def _create_mapping(name: str, nbytes: int, data: memoryview | None = None) -> m
         os.ftruncate(fd, size)
         if data is not None and len(data) == size:
             capacity.write_all(fd, data)
-        else:
+        else:  # no content, or none at all (an empty array maps one byte)
             capacity.reserve(fd, size)
-            if data is not None:
-                os.pwrite(fd, data, 0)  # bytes (at most the page reserve rounds up to)
         return _advised(mmap.mmap(fd, size))
     except BaseException:
         with contextlib.suppress(OSError):
