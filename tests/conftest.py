@@ -80,7 +80,8 @@ def no_orphans():
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
 
     # loky's named semaphores must be gone once shutdown_all() has returned
-    left = settle(lambda: (loky_sems() - before) | (loky_sems() & inherited))
+    # (our dask cluster's, if one lives for the module, are its fixture's)
+    left = settle(lambda: ((loky_sems() - before) | (loky_sems() & inherited)) - cluster_sems())
     assert not left, f"semaphores left in {SHM_DIR}: {sorted(left)}\n{sem_holders(left)}"
 
 
