@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -56,12 +57,16 @@ _kinds: OrderedDict[Hashable, Kind] = OrderedDict()
 
 def function_key(fn: Any) -> Hashable | None:
     """Equal for the same code run again (a cell re-run defines a new
-    function object with the same code); None for callables without code."""
+    function object with the same code) and for the same builtin; None for
+    other callables without code (an object with ``__call__``: its state,
+    not its code, may decide what it returns)."""
     if isinstance(fn, functools.partial):
         inner = function_key(fn.func)
         if inner is None:
             return None
         return ("partial", inner, len(fn.args), tuple(sorted(fn.keywords)))
+    if isinstance(fn, types.BuiltinFunctionType | type) and fn.__module__ == "builtins":
+        return ("builtin", fn.__qualname__)  # ``int``, ``len``, ``abs``: the same every run
     code = getattr(fn, "__code__", None)
     if code is None:
         return None

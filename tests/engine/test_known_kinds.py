@@ -165,7 +165,9 @@ def test_a_cell_run_again_is_the_same_function():
     key = known_kinds.function_key(first["hour"])
     assert key is not None and key == known_kinds.function_key(again["hour"])
     assert key != known_kinds.function_key(other["hour"])
-    assert known_kinds.function_key(len) is None  # no code: never guessed
+    assert known_kinds.function_key(abs) == known_kinds.function_key(abs)
+    assert known_kinds.function_key(abs) != known_kinds.function_key(int)
+    assert known_kinds.function_key(np.sqrt) is None  # no code: never guessed
 
 
 def test_only_small_stacking_results_are_remembered(no_orphans):
