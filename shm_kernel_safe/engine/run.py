@@ -198,6 +198,8 @@ class Run:
         self.prepared = False
         # Most seconds of work per chunk, for runs read while they go on.
         self.chunk_seconds: float | None = None
+        # When items began to run (for the time left, see background.eta).
+        self.items_started: float | None = None
 
     # -- the happy path ------------------------------------------------------------
     def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
@@ -215,6 +217,7 @@ class Run:
             # While workers start or data is sent (a dask cluster takes
             # seconds): nothing ran yet, and the interrupt says so.
             raise self._stopped(exc) from None
+        self.items_started = time.monotonic()  # inputs sent (a cold pool may still start)
         plan = self.plan = Plan(self.n_items, transport.workers, self.chunksize)
         cap = self.chunk_seconds or (CHUNK_SECONDS if self.journal is not None else 0.0)
         known = known_kinds.recall(self.fn) if plan.probing else None
@@ -426,6 +429,10 @@ class Run:
         """Record a chunk's result in the ledger: what completed, what failed."""
         chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
         worker_warnings.reissue(res.warnings, self.fn)
+        if not self.results and self.items_started is not None:
+            # The first chunk began when its worker did: a cold pool starts
+            # while the first chunks wait, and that wait is not items' time.
+            self.items_started = max(self.items_started, time.monotonic() - res.seconds)
         self.results[res.chunk] = res
         if self.journal is not None:
             self.journal.took(res, chunk)
