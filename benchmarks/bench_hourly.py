@@ -445,6 +445,9 @@ def main() -> None:
             record(name, time.perf_counter() - t0)
         loads.append(os.getloadavg()[0])
 
+    # -- what the page size of shared memory costs the items themselves --------
+    page_ratio = None if args.x_in_shared_memory else shared_vs_private(x, x_shared, k)
+
     # -- peak memory of each contender (one more, untimed, pass) ----------------
     gc.collect()
     from shm_kernel_safe.transports.local.pool import pool_info
@@ -627,12 +630,61 @@ def main() -> None:
             f"PSS added by the share cache after calls, a change and a call: "
             f"{pss_ordinary / 2**20:.0f} MiB ({cached_copies} cached cop(ies))"
         )
+    if page_ratio is not None:
+        out["shared_vs_private_item_time"] = page_ratio
+        print(
+            f"the items, run serially, take {page_ratio:.3f} x their time on x's private "
+            f"pages when they read its shared copy ({huge_pages()}): fixed halves and "
+            f"mpire read the private pages (fork), the stdlib pools and parallel_map "
+            f"the shared ones"
+        )
     print(f"1-min load average after each round: {', '.join(f'{v:.1f}' for v in loads)}")
     print(f"warm call of {N_TASKS} empty tasks: {empty_t * 1e3:.1f} ms")
     print(f"bytes left in /dev/shm: {leftover}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
+
+
+def shared_vs_private(x: np.ndarray, x_shared: np.ndarray, k: int, rounds: int = 7) -> float:
+    """Median over ``rounds`` of (time of every 4th item on ``x_shared``) /
+    (the same on ``x``), run in turn in this process.
+
+    Private memory of a big array gets transparent huge pages (2 MiB: numpy
+    asks with ``madvise``); a tmpfs ``/dev/shm`` gives 4 KiB pages unless it
+    is mounted with ``huge=``. The difference is in the items' own time,
+    whatever runs them.
+    """
+
+    def loop(a: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        for nn in range(0, N_TASKS, 4):
+            work(a, nn, k)
+        return time.perf_counter() - t0
+
+    loop(x), loop(x_shared)
+    ratios = []
+    for _ in range(rounds):
+        private = loop(x)
+        ratios.append(loop(x_shared) / private)
+    return statistics.median(ratios)
+
+
+def huge_pages() -> str:
+    """How this machine pages shared and private memory, in a few words."""
+    from pathlib import Path
+
+    huge = "never"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if fields[1] == "/dev/shm":
+                huge = next((o[5:] for o in fields[3].split(",") if o.startswith("huge=")), "never")
+    thp = "?"
+    with contextlib.suppress(OSError, IndexError):
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        thp = text.split("[")[1].split("]")[0]
+    return f"/dev/shm huge={huge}, private memory THP {thp}"
 
 
 def _us(value: float) -> str:

@@ -7,10 +7,9 @@ The library works without IPython: :func:`share`, :func:`empty`,
 
 from __future__ import annotations
 
-from ._malloc import tune_malloc
-from .api import imap, last_errors, parallel_map, prestart, status
-from .engine.background import RunHandle
-from .engine.journal import JournalInfo, discard_journal, journals
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CellSyntaxError,
     DanglingArrayError,
@@ -35,12 +34,67 @@ from .errors import (
     TaskError,
     WorkerDiedError,
 )
-from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
-from .memory.janitor import StaleSegment, cleanup_stale, find_stale
-from .memory.segments import live_segments
-from .memory.share_cache import cache as _share_cache
-from .memory.stdlib_patch import is_protected, protect, unprotect
-from .transports.local.pool import shutdown_all as shutdown_pools
+
+# The rest of the public names are imported on first use (PEP 562). Every
+# worker's start imports this package first (a forkserver preloads the
+# worker module, whose package this is): importing the whole API there,
+# the engine, journals and background runs it never runs, cost ~80 ms of
+# each pool's first start; the worker's own modules are half of them.
+_LAZY = {
+    "tune_malloc": "._malloc",
+    "imap": ".api",
+    "last_errors": ".api",
+    "parallel_map": ".api",
+    "prestart": ".api",
+    "status": ".api",
+    "RunHandle": ".engine.background",
+    "JournalInfo": ".engine.journal",
+    "discard_journal": ".engine.journal",
+    "journals": ".engine.journal",
+    "SharedArray": ".memory.arrays",
+    "empty": ".memory.arrays",
+    "handle_of": ".memory.arrays",
+    "is_dangling": ".memory.arrays",
+    "share": ".memory.arrays",
+    "zeros": ".memory.arrays",
+    "StaleSegment": ".memory.janitor",
+    "cleanup_stale": ".memory.janitor",
+    "find_stale": ".memory.janitor",
+    "live_segments": ".memory.segments",
+    "is_protected": ".memory.stdlib_patch",
+    "protect": ".memory.stdlib_patch",
+    "unprotect": ".memory.stdlib_patch",
+    "shutdown_pools": ".transports.local.pool:shutdown_all",
+}
+_SUBPACKAGES = ("api", "engine", "kernel", "memory", "transports")
+
+if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
+    from ._malloc import tune_malloc
+    from .api import imap, last_errors, parallel_map, prestart, status
+    from .engine.background import RunHandle
+    from .engine.journal import JournalInfo, discard_journal, journals
+    from .memory.arrays import SharedArray, empty, handle_of, is_dangling, share, zeros
+    from .memory.janitor import StaleSegment, cleanup_stale, find_stale
+    from .memory.segments import live_segments
+    from .memory.stdlib_patch import is_protected, protect, unprotect
+    from .transports.local.pool import shutdown_all as shutdown_pools
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        if name in _SUBPACKAGES:  # ``sks.memory.janitor`` works as after an eager import
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module, __name__), attr or name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
@@ -69,7 +123,9 @@ def share_cache_limit(max_bytes: int | None = None) -> int:
         ``max_bytes`` is not an integer >= 0 (``InvalidArgumentTypeError``
         for a wrong type).
     """
-    return _share_cache.limit(max_bytes)
+    from .memory.share_cache import cache
+
+    return cache.limit(max_bytes)
 
 
 def load_ipython_extension(shell):

@@ -223,3 +223,12 @@ def _sigint_guard(request):
         f"{request.node.nodeid} sent or started {seen} but is not marked sigint: "
         "the rule of tests/sigint_scope.py misses it; extend the rule or mark it"
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_known_kinds():
+    """Each test starts as a new kernel does: no function's results are
+    known, so its first run probes (``engine.known_kinds``)."""
+    kinds = sys.modules.get("shm_kernel_safe.engine.known_kinds")
+    if kinds is not None:
+        kinds.clear()

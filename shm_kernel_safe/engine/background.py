@@ -291,14 +291,20 @@ class RunHandle:
         return end - self._started
 
     def eta(self) -> float | None:
-        """Seconds left at the rate so far; None before a rate is known."""
+        """Seconds left at the rate so far; None before a rate is known.
+
+        The rate counts from when items began to run, not from the call:
+        starting workers and copying big inputs happen once, and counted
+        in, they made the first estimates many times too long.
+        """
         finished, total = self.progress
         done_here = finished - self._before
         if self._finished.is_set():
             return 0.0
         if done_here <= 0:
             return None
-        return (total - finished) * self.elapsed / done_here
+        began = self._run.items_started or self._started
+        return (total - finished) * (time.monotonic() - began) / done_here
 
     def summary(self) -> str:
         """The repr's text: progress, failures, time left or how it ended."""

@@ -9,7 +9,8 @@ what makes tiny tasks slower than serial.
 A run first sends item 0 alone (the *probe*): its result tells the layout of
 the results and its time the smallest chunk worth a message on this
 transport (:func:`min_chunk_for`). Runs of a few items per worker skip the
-probe and send every item on its own.
+probe and send every item on its own; a function run before skips it too,
+its layout and item time remembered (:meth:`Plan.cut_all`, ``known_kinds``).
 """
 
 from __future__ import annotations
@@ -108,12 +109,27 @@ class Plan:
         chunk's work: a journaled run learns of completed items per chunk,
         so that is the work a crash can cost per worker.
         """
-        floor = min_chunk_for(probe_seconds, self.n_items, self.n_workers, min_chunk_seconds)
+        return self._cut(1, probe_seconds, min_chunk_seconds, max_chunk_seconds)
+
+    def cut_all(
+        self, item_seconds: float, min_chunk_seconds: float, max_chunk_seconds: float = 0.0
+    ) -> list[Chunk]:
+        """Chunks for every item, no probe: the item time is known from an
+        earlier run of the same function (``known_kinds``)."""
+        assert self.probing and len(self.chunks) == 1, "cut before anything was sent"
+        self.chunks.clear()
+        self.probing = False
+        return self._cut(0, item_seconds, min_chunk_seconds, max_chunk_seconds)
+
+    def _cut(
+        self, first: int, item_seconds: float, min_chunk_seconds: float, max_chunk_seconds: float
+    ) -> list[Chunk]:
+        floor = min_chunk_for(item_seconds, self.n_items, self.n_workers, min_chunk_seconds)
         spans = guided_chunks(
-            self.n_items, self.n_workers, chunksize=self.chunksize, first=1, min_chunk=floor
+            self.n_items, self.n_workers, chunksize=self.chunksize, first=first, min_chunk=floor
         )
-        if max_chunk_seconds > 0 and probe_seconds > 0 and self.chunksize is None:
-            cap = max(floor, int(max_chunk_seconds / probe_seconds))
+        if max_chunk_seconds > 0 and item_seconds > 0 and self.chunksize is None:
+            cap = max(floor, int(max_chunk_seconds / item_seconds))
             spans = [(s, min(e, s + cap)) for a, b in spans for s in range(a, b, cap) for e in (b,)]
         rest = [Chunk(len(self.chunks) + k, s, e) for k, (s, e) in enumerate(spans)]
         self.chunks.extend(rest)

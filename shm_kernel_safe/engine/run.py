@@ -67,7 +67,7 @@ from ..errors import (
     TaskError,
     WorkerDiedError,
 )
-from . import captured, hints, tracebacks, worker_warnings
+from . import captured, hints, known_kinds, tracebacks, worker_warnings
 from .journal import CHUNK_SECONDS, Journal
 from .planning import Chunk, Plan
 from .protocol import ChunkResult, Payload, RemoteError, Subset
@@ -198,6 +198,8 @@ class Run:
         self.prepared = False
         # Most seconds of work per chunk, for runs read while they go on.
         self.chunk_seconds: float | None = None
+        # When items began to run (for the time left, see background.eta).
+        self.items_started: float | None = None
 
     # -- the happy path ------------------------------------------------------------
     def execute(self) -> np.ndarray | np.ma.MaskedArray | list:
@@ -215,9 +217,23 @@ class Run:
             # While workers start or data is sent (a dask cluster takes
             # seconds): nothing ran yet, and the interrupt says so.
             raise self._stopped(exc) from None
+        self.items_started = time.monotonic()  # inputs sent (a cold pool may still start)
         plan = self.plan = Plan(self.n_items, transport.workers, self.chunksize)
+        cap = self.chunk_seconds or (CHUNK_SECONDS if self.journal is not None else 0.0)
+        known = known_kinds.recall(self.fn) if plan.probing else None
         try:
-            self._run_chunks(plan.chunks)
+            if known is not None:
+                # Run before: no probe; its fixed costs are all paid by now.
+                seconds = known.seconds_per_item
+                fixed = time.monotonic() - started
+                hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
+                stacked = transport.stack_results(known.prototype, self.n_items)
+                with self.lock:
+                    self.first, self.stacked = known.prototype, stacked
+                    chunks = plan.cut_all(seconds, transport.min_chunk_seconds, cap)
+                self._run_chunks(chunks)
+            else:
+                self._run_chunks(plan.chunks)
             if plan.probing:
                 # Item 0 may have come back in chunk 0, or (its worker died
                 # or was stopped) in a chunk run again, or failed.
@@ -229,7 +245,6 @@ class Run:
                     stacked = transport.stack_results(value, self.n_items)
                     with self.lock:
                         self.first, self.stacked = value, stacked
-                cap = self.chunk_seconds or (CHUNK_SECONDS if self.journal is not None else 0.0)
                 with self.lock:  # readers map results to chunks through the plan
                     rest = plan.cut_rest(seconds, transport.min_chunk_seconds, cap)
                 self._run_chunks(rest)
@@ -237,6 +252,7 @@ class Run:
             raise self._stopped(exc) from _cause(exc)
         self.show_progress(force=True)
         transport.land_outputs()
+        self._remember_kind()
         if not (self.failures or self.recovered) and self.prior is None:
             return gather(self.results.values(), self.n_items, self.stacked, self.first)
         done, result = self._outcome()
@@ -334,6 +350,21 @@ class Run:
             tuple(OutputRecord.of(arr) for arr in self.inputs.outputs),
         )
 
+    def _remember_kind(self) -> None:
+        """Let the next run of this function skip its probe (``known_kinds``):
+        remember its first result's kind when every result was like it,
+        else forget the function (a guess that missed is not made twice)."""
+        results = list(self.results.values())
+        done = sum(res.done for res in results)
+        seconds = sum(res.seconds for res in results) / done if done else 0.0
+        # Stacked with no misfit: item 0 was like ``first``. Not stacked
+        # (other transports): item 0's value came back as it is.
+        first = self._probe()[0] if self.stacked is None else self.first
+        if first is None or any(res.misfits for res in results):
+            known_kinds.forget(self.fn)
+        else:
+            known_kinds.remember(self.fn, first, seconds)
+
     def _probe(self) -> tuple[Any, float]:
         """Item 0's value and the seconds it took (0.0: unknown, e.g. salvaged)."""
         for res in self.results.values():
@@ -398,6 +429,10 @@ class Run:
         """Record a chunk's result in the ledger: what completed, what failed."""
         chunk = self.plan.chunks[res.chunk]  # type: ignore[union-attr]
         worker_warnings.reissue(res.warnings, self.fn)
+        if not self.results and self.items_started is not None:
+            # The first chunk began when its worker did: a cold pool starts
+            # while the first chunks wait, and that wait is not items' time.
+            self.items_started = max(self.items_started, time.monotonic() - res.seconds)
         self.results[res.chunk] = res
         if self.journal is not None:
             self.journal.took(res, chunk)

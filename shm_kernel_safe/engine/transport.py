@@ -24,6 +24,7 @@ from them (:meth:`Transport.from_options`).
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import _checks
-from .._platform import available_start_methods
+from .._platform import available_start_methods, usable_cpus
 from ..errors import InvalidArgumentError
 from .planning import Chunk
 from .protocol import ChunkResult, Payload
@@ -56,6 +57,28 @@ class TransportOptions:
     start_method: str | None = None
     client: Any = None
     threads_per_worker: int | None = None
+
+
+#: ``processes`` values already warned about (once per value and process).
+_warned_processes: set[int] = set()
+
+
+def warn_if_more_than_cpus(processes: int | None, stacklevel: int) -> None:
+    """Warn, once per value, when a transport is asked for more worker
+    processes on this machine than the CPUs this process may use: the extra
+    workers only add start-up time and memory (each maps the inputs and
+    keeps a heap). ``stacklevel`` counts from the caller of this function."""
+    cpus = usable_cpus()
+    if processes is None or processes <= cpus or processes in _warned_processes:
+        return
+    _warned_processes.add(processes)
+    warnings.warn(
+        f"processes={processes} is more than the {cpus} CPUs this process may "
+        f"use; the extra workers only wait for a CPU. At most one worker per "
+        f"item is started.",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 class WorkerLost(Exception):

@@ -71,6 +71,23 @@ def test_a_handle_comes_back_at_once_and_its_partial_grows(kw):
     assert not handle.errors
 
 
+def test_time_left_counts_from_when_items_began(no_orphans):
+    # A cold pool under spawn takes a second or more to start; the first
+    # items then take ~0.1 s. Counted from the call, the time left came out
+    # several times too long; counted from when items began, it does not.
+    sks.shutdown_pools()
+    n = 400
+    handle = sks.parallel_map(slow_square, range(n), wait=False, processes=2, start_method="spawn")
+    until(lambda: handle.progress[0] >= 10 or handle.done(), "the first items")
+    finished, total = handle.progress
+    eta, elapsed = handle.eta(), handle.elapsed
+    if finished < n // 2:  # else the machine was too slow to look mid-run
+        from_the_call = (total - finished) * elapsed / finished
+        assert eta is not None and eta < from_the_call / 2, (eta, from_the_call)
+    assert handle.wait(GUARD)
+    assert handle.eta() == 0.0
+
+
 def writes_square(y):
     def cell(i):
         time.sleep(0.01)

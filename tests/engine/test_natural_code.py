@@ -162,6 +162,26 @@ def test_a_thousand_processes_for_five_items_start_five_at_most(kw):
         sks.parallel_map(abs, range(2), **{**kw, "processes": 2})  # the module's size again
 
 
+def test_more_processes_than_cpus_warn_once_at_the_callers_line(kw, monkeypatch):
+    """Our own dask cluster's workers are processes of this machine too."""
+    if kw["backend"] == "serial":
+        pytest.skip("the serial backend starts no process")
+    from shm_kernel_safe import _platform
+    from shm_kernel_safe.engine import transport
+
+    monkeypatch.setattr(transport, "_warned_processes", set())
+    n = _platform.usable_cpus() + 1
+    with pytest.warns(UserWarning, match=f"processes={n} is more than") as record:
+        got = sks.parallel_map(abs, range(2), **{**kw, "processes": n})
+    assert got.tolist() == [0, 1]
+    assert {w.filename for w in record if "is more than" in str(w.message)} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per value
+        sks.parallel_map(abs, range(2), **{**kw, "processes": n})
+    if kw["backend"] == "dask":
+        sks.parallel_map(abs, range(2), **{**kw, "processes": 2})  # the module's size again
+
+
 # -- arguments ----------------------------------------------------------------------
 WRONG = {
     "items": [5, np.array(5), "abc"],

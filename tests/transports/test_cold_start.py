@@ -69,3 +69,52 @@ def test_a_call_that_copies_starts_its_pool_in_the_background(monkeypatch):
     args, started, segments_then = calls[0]
     assert args[0] == 2 and started is True
     assert not any(seg.nbytes >= x.nbytes for seg in segments_then)  # before the copy
+
+
+def test_workers_import_only_what_they_run():
+    # A worker's start imports the package first (a forkserver preloads the
+    # worker module): the API, the engine's run, background runs, journals
+    # and the kernel side must not come with it (~80 ms of every cold pool).
+    sks.shutdown_pools()
+    modules = sks.parallel_map(
+        lambda i: sorted(m for m in __import__("sys").modules if m.startswith("shm_kernel")),
+        range(2),
+        processes=2,
+        start_method="forkserver",
+    )
+    for names in modules:
+        assert "shm_kernel_safe.transports.local.worker" in names
+        assert not {
+            "shm_kernel_safe.api",
+            "shm_kernel_safe.engine.run",
+            "shm_kernel_safe.engine.background",
+            "shm_kernel_safe.engine.journal",
+            "shm_kernel_safe.kernel",
+        } & set(names)
+
+
+def test_every_public_name_resolves_in_a_fresh_interpreter():
+    # Public names are imported on first use; what a user reaches (a name
+    # in __all__, dir(), a star import, a subpackage by attribute) is the same.
+    code = (
+        "import shm_kernel_safe as sks\n"
+        "assert set(sks.__all__) <= set(dir(sks)), set(sks.__all__) - set(dir(sks))\n"
+        "assert all(getattr(sks, n) is not None for n in sks.__all__)\n"
+        "assert sks.shutdown_pools.__name__ == 'shutdown_all'\n"
+        "assert sks.memory.janitor.remove_old_journals\n"
+        "ns = {}\n"
+        "exec('from shm_kernel_safe import *', ns)\n"
+        "assert set(sks.__all__) <= set(ns)\n"
+        "try:\n"
+        "    sks.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_name' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

@@ -35,7 +35,14 @@ import numpy as np
 from ...engine.pickling import ArrayPickler
 from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
-from ...engine.transport import Heartbeat, Inputs, Transport, TransportOptions, WorkerLost
+from ...engine.transport import (
+    Heartbeat,
+    Inputs,
+    Transport,
+    TransportOptions,
+    WorkerLost,
+    warn_if_more_than_cpus,
+)
 from ...errors import DaskBackendError, InvalidArgumentError
 from . import cluster
 from .kept import content_name, kept_arrays
@@ -146,6 +153,9 @@ class DaskTransport(Transport):
         threads_per_worker: int | None = None,
     ) -> None:
         cluster.check_distributed()  # before any work: a one-line error
+        if client is None:  # our own cluster's workers are processes of this machine
+            # DaskTransport <- from_options <- parallel_map <- the caller
+            warn_if_more_than_cpus(processes, stacklevel=4)
         self.requested_client = client
         # item_timeout= kills the worker running an overdue item: only on our
         # own cluster, whose workers are processes of this machine (a cluster

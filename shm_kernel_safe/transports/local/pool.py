@@ -36,7 +36,12 @@ from ..main_free import make_context, plain_start
 from . import mp_helpers, parent_watch
 
 #: Modules a forkserver imports once, so that every worker forks with them loaded.
-FORKSERVER_PRELOAD = ("numpy", "cloudpickle", "shm_kernel_safe.transports.local.worker")
+FORKSERVER_PRELOAD = (
+    "numpy",
+    "cloudpickle",
+    "threadpoolctl",
+    "shm_kernel_safe.transports.local.worker",
+)
 
 #: Idle workers exit after this many seconds, releasing what they keep mapped.
 IDLE_TIMEOUT = 600.0

@@ -20,7 +20,6 @@ import re
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,14 @@ from ...engine.planning import Chunk
 from ...engine.protocol import ChunkResult, Payload
 from ...engine.results import stack_layout
 from ...engine.threads import threads_for
-from ...engine.transport import Heartbeat, Inputs, Transport, TransportOptions, WorkerLost
+from ...engine.transport import (
+    Heartbeat,
+    Inputs,
+    Transport,
+    TransportOptions,
+    WorkerLost,
+    warn_if_more_than_cpus,
+)
 from ...memory.arrays import SharedArray, empty, handle_of, share
 from ...memory.segments import live_segments, unlink_name
 from . import pool as pools
@@ -60,7 +66,6 @@ STALL_SECONDS = 60.0
 DEATH_GRACE = 5.0
 
 #: ``processes`` values already warned about (see LocalTransport).
-_warned_processes: set[int] = set()
 
 
 class _NamedNow:
@@ -93,18 +98,9 @@ class LocalTransport(Transport):
         start_method: str | None = None,
         threads_per_worker: int | None = None,
     ) -> None:
+        # LocalTransport <- from_options <- parallel_map <- the caller
+        warn_if_more_than_cpus(processes, stacklevel=4)
         cpus = _platform.usable_cpus()
-        if processes is not None and processes > cpus and processes not in _warned_processes:
-            # Once per value: more processes than CPUs only adds start-up
-            # time and memory (each worker maps the inputs and keeps a heap).
-            _warned_processes.add(processes)
-            warnings.warn(
-                f"processes={processes} is more than the {cpus} CPUs this process may "
-                f"use; the extra workers only wait for a CPU. At most one worker per "
-                f"item is started.",
-                UserWarning,
-                stacklevel=4,  # LocalTransport <- from_options <- parallel_map <- caller
-            )
         self.workers = processes or cpus
         # Options arrive checked (check_options, before any process starts).
         self.start_method = start_method or _platform.default_start_method()
