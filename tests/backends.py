@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .helpers import worker_children
+from .helpers import cluster_sems, loky_sems, settle, worker_children
 
 BACKENDS = [
     pytest.param({"backend": "local", "start_method": "forkserver"}, id="local-forkserver"),
@@ -38,11 +38,14 @@ def backend(request):
 
     cluster.get_client(None, processes=2)
     yield options
+    held = cluster_sems()
     cluster.close_all()
     deadline = time.monotonic() + 10
     while (alive := worker_children()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
+    left = settle(lambda: loky_sems() & held)
+    assert not left, f"our dask cluster's semaphores outlived it: {sorted(left)}"
 
 
 @pytest.fixture

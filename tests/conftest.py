@@ -18,7 +18,17 @@ from typing import Any
 import pytest
 
 from . import sigint_scope
-from .helpers import SHM_DIR, foreign_owners, shm_entries, worker_children
+from .helpers import (
+    SHM_DIR,
+    cluster_sems,
+    foreign_owners,
+    live_pool_sems,
+    loky_sems,
+    sem_holders,
+    settle,
+    shm_entries,
+    worker_children,
+)
 
 # Journals go to a folder of this session, never to the user's own cache;
 # kernels the tests start inherit it. The magic's default journal is off
@@ -51,7 +61,15 @@ def no_leaked_segments():
 
 @pytest.fixture
 def no_orphans():
-    """Shut warm pools down after the test and check no worker is left."""
+    """Shut warm pools down after the test and check no worker is left.
+
+    Also checks that loky's named semaphores of this test's pools are gone:
+    those that appeared during the test, and those of pools that were warm
+    when it started (it stopped them). Entries an earlier test left are that
+    test's failure (``no_leaked_semaphores``), not this one's.
+    """
+    before = loky_sems()
+    inherited = before & live_pool_sems()
     yield
     mod = sys.modules.get("shm_kernel_safe.transports.local.pool")
     if mod is not None:
@@ -62,14 +80,45 @@ def no_orphans():
     assert not alive, f"processes left behind: {[p.pid for p in alive]}"
 
     # loky's named semaphores must be gone once shutdown_all() has returned
-    def sems() -> list[str]:
-        return [e for e in os.listdir(SHM_DIR) if e.startswith(f"sem.loky-{os.getpid()}-")]
+    # (our dask cluster's, if one lives for the module, are its fixture's)
+    left = settle(lambda: ((loky_sems() - before) | (loky_sems() & inherited)) - cluster_sems())
+    assert not left, f"semaphores left in {SHM_DIR}: {sorted(left)}\n{sem_holders(left)}"
 
-    deadline = time.monotonic() + 3
-    while sems() and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.1)
-    assert not sems(), f"semaphores left in {SHM_DIR}: {sems()}"
+
+#: Semaphores of pools that were warm after the last test: legitimately
+#: kept (a warm pool outlives the test that started it, by design), and
+#: answerable for when a later test stops the pool.
+_warm_sems: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_semaphores(request):
+    """Fail the test that leaves loky's named semaphores behind, by name.
+
+    One listdir before and after each test. What a warm pool or our dask
+    cluster holds is not a leak (``live_pool_sems``, ``cluster_sems``):
+    both outlive tests by design. What a warm pool held when the test began
+    and is still there once the pool is gone is (the test stopped the
+    pool); the cluster's fixtures check theirs when they close it. Tests
+    with ``no_orphans`` are checked there, strictly (it stops every pool).
+    """
+    global _warm_sems
+    before = loky_sems()
+    yield
+    if "no_orphans" in request.fixturenames:
+        _warm_sems = set()
+        return
+
+    def left() -> set[str]:
+        now, live = loky_sems(), live_pool_sems() | cluster_sems()
+        return ((now - before) | (now & _warm_sems)) - live
+
+    leaked = settle(left) if left() else set()
+    _warm_sems = loky_sems() & live_pool_sems()
+    assert not leaked, (
+        f"{request.node.nodeid} left loky's semaphores in {SHM_DIR} (no live pool "
+        f"holds them): {sorted(leaked)}\n{sem_holders(leaked)}"
+    )
 
 
 def _ours(entries: set[str], foreign: set[int]) -> set[str]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
 import tempfile
+import time
+from typing import Any
 
 import psutil
 
@@ -168,3 +171,88 @@ def small_tmpfs(size: str):
     finally:
         subprocess.run(["umount", mnt], check=False)
         os.rmdir(mnt)
+
+
+def loky_sems() -> set[str]:
+    """loky's named semaphores of this process in /dev/shm (one listdir)."""
+    prefix = f"sem.loky-{os.getpid()}-"
+    return {e for e in os.listdir(SHM_DIR) if e.startswith(prefix)}
+
+
+def cluster_sems() -> set[str]:
+    """The /dev/shm entries of the semaphores our dask cluster holds by
+    design: each nanny's two queues to its worker process (made anew when a
+    worker restarts), made in this process through loky's semaphores. The
+    fixtures that keep the cluster for a module answer for them."""
+    cluster = sys.modules.get("shm_kernel_safe.transports.dask.cluster")
+    local = getattr(cluster, "_local", None) or {}
+    nannies = getattr(local.get("cluster"), "workers", None) or {}
+    locks: list[Any] = []
+    for nanny in list(nannies.values()):
+        process = getattr(nanny, "process", None)
+        for q in (getattr(process, "init_result_q", None), getattr(process, "child_stop_q", None)):
+            locks += [getattr(q, a, None) for a in ("_rlock", "_wlock", "_sem")]
+    return _entries(locks)
+
+
+def live_pool_sems() -> set[str]:
+    """The /dev/shm entries of the semaphores the local transport's live
+    pools hold by design (the warm one, private ones of runs in progress):
+    a call queue and a result queue (locks and size semaphore), the pool's
+    management and claim locks, each worker's exit lock."""
+    mod = sys.modules.get("shm_kernel_safe.transports.local.pool")
+    if mod is None:
+        return set()
+    with mod._lock:
+        pools = [p for p in (mod._warm, *mod._private) if p is not None]
+    locks: list[Any] = []
+    for pool in pools:
+        locks += [getattr(pool, "_processes_management_lock", None)]
+        locks += [pool.__dict__.get("_sks_claim_lock")]
+        for q in (getattr(pool, "_call_queue", None), getattr(pool, "_result_queue", None)):
+            locks += [getattr(q, a, None) for a in ("_rlock", "_wlock", "_sem")]
+        workers = list(pool.__dict__.get("_sks_workers", ()))
+        workers += list((getattr(pool, "_processes", None) or {}).values())
+        locks += [getattr(w, "_worker_exit_lock", None) for w in workers]
+    return _entries(locks)
+
+
+def _entries(locks: list[Any]) -> set[str]:
+    names = {getattr(getattr(lock, "_semlock", None), "name", None) for lock in locks}
+    return {"sem." + n.lstrip("/") for n in names if n}
+
+
+def settle(left: Any, seconds: float = 3.0) -> set[str]:
+    """``left()`` once it is empty, or after ``seconds``: loky releases a
+    queue's semaphores when its feeder thread ends and the queue is collected."""
+    deadline = time.monotonic() + seconds
+    while (found := left()) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    return found
+
+
+def sem_holders(entries: set[str]) -> str:
+    """What keeps the semaphores of ``entries`` alive, for a failure message:
+    the objects that refer to each one still in memory, and the stacks of
+    loky's feeder and manager threads (a feeder that never ends holds its
+    queue and the queue's three semaphores). Slow (walks the heap); only
+    called once a leak is found."""
+    import sys
+    import threading
+    import traceback
+
+    names = {"/" + e.removeprefix("sem.") for e in entries}
+    lines = []
+    for obj in gc.get_objects():
+        semlock = getattr(obj, "_semlock", None) if not isinstance(obj, type) else None
+        name = getattr(semlock, "name", None)
+        if name in names:
+            refs = [type(r).__name__ for r in gc.get_referrers(obj) if r is not lines]
+            lines.append(f"{name}: {type(obj).__name__} referred to by {refs[:6]}")
+    frames = sys._current_frames()
+    for thread in threading.enumerate():
+        if thread.name.startswith(("QueueFeederThread", "ExecutorManagerThread")):
+            stack = "".join(traceback.format_stack(frames.get(thread.ident), limit=4))
+            lines.append(f"thread {thread.name} alive at:\n{stack}")
+    return "\n".join(lines) or "no object in memory holds them"

@@ -26,7 +26,7 @@ from shm_kernel_safe.errors import DaskBackendError
 from shm_kernel_safe.transports.dask import cluster as dask_cluster
 from shm_kernel_safe.transports.dask import worker as dask_worker
 
-from ..helpers import run_python, worker_children
+from ..helpers import cluster_sems, loky_sems, run_python, settle, worker_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -45,11 +45,14 @@ def client():
     c = dask_cluster.get_client(None, processes=2)
     assert dask_cluster.is_local(c)
     yield c
+    held = cluster_sems()
     dask_cluster.close_all()
     deadline = time.monotonic() + 10
     while (alive := worker_children()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, f"dask processes left behind: {[p.cmdline() for p in alive]}"
+    left = settle(lambda: loky_sems() & held)
+    assert not left, f"our dask cluster's semaphores outlived it: {sorted(left)}"
 
 
 def back_to_two(client) -> None:
