@@ -227,9 +227,8 @@ class Run:
                 seconds = known.seconds_per_item
                 fixed = time.monotonic() - started
                 hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
-                stacked = transport.stack_results(known.prototype, self.n_items)
+                self._stack_like(known.prototype)
                 with self.lock:
-                    self.first, self.stacked = known.prototype, stacked
                     chunks = plan.cut_all(seconds, transport.min_chunk_seconds, cap)
                 self._run_chunks(chunks)
             else:
@@ -242,9 +241,7 @@ class Run:
                     fixed = time.monotonic() - started - seconds
                     hints.warn_if_not_worth_it(self.fn, self.n_items, seconds, fixed, stacklevel=3)
                 if self.done[0] and 0 not in self.failures:
-                    stacked = transport.stack_results(value, self.n_items)
-                    with self.lock:
-                        self.first, self.stacked = value, stacked
+                    self._stack_like(value)
                 with self.lock:  # readers map results to chunks through the plan
                     rest = plan.cut_rest(seconds, transport.min_chunk_seconds, cap)
                 self._run_chunks(rest)
@@ -349,6 +346,13 @@ class Run:
             fingerprint_function(self.fn),
             tuple(OutputRecord.of(arr) for arr in self.inputs.outputs),
         )
+
+    def _stack_like(self, first: Any) -> None:
+        """Let the transport store results like ``first`` in place (the
+        probe's result, or one remembered from an earlier run)."""
+        stacked = self.transport.stack_results(first, self.n_items)
+        with self.lock:
+            self.first, self.stacked = first, stacked
 
     def _remember_kind(self) -> None:
         """Let the next run of this function skip its probe (``known_kinds``):

@@ -65,8 +65,6 @@ STALL_SECONDS = 60.0
 #: the run reports it itself.
 DEATH_GRACE = 5.0
 
-#: ``processes`` values already warned about (see LocalTransport).
-
 
 class _NamedNow:
     """``Payload.keep``, read when it is pickled: after ``fn`` and ``items``
